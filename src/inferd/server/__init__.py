@@ -1,0 +1,1 @@
+"""The gRPC front: settings, server assembly, servicers, interceptors and the error map."""

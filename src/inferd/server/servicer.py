@@ -1,0 +1,137 @@
+"""The servicers: translate gRPC calls into runtime calls and errors into statuses.
+
+There is no per-rpc code here: every method of ``backend.Backend`` is bound from the
+RPC table to ``BackendRuntime.unary``/``stream``. A handler builds a ``CallContext``
+(metadata, deadline), awaits the runtime, and on an exception aborts with the status
+from ``status_map`` — the one place that happens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from inferd.backends.context import CallContext
+from inferd.proto import llm_pb2
+from inferd.proto import backend_pb2 as pb
+from inferd.protocol import LLM_RPCS, LLM_SERVICE_NAME, RPCS, SERVICE_NAME, Rpc
+from inferd.runtime import BackendRuntime
+from inferd.server.status_map import to_status
+
+MODEL_IDENTITY_KEY = "x-model-identity"
+
+
+def _call_context(rpc: str, context: grpc.aio.ServicerContext) -> CallContext:
+    remaining = context.time_remaining()
+    deadline = time.monotonic() + remaining if remaining is not None else None
+    metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    return CallContext(rpc, metadata=metadata, deadline=deadline)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, rpc: str) -> None:
+    code, message = to_status(exc, rpc)
+    await context.abort(code, message)
+
+
+class BackendServicer:
+    """Binds every rpc of ``backend.Backend`` to a ``BackendRuntime``."""
+
+    def __init__(self, runtime: BackendRuntime) -> None:
+        self.runtime = runtime
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for rpc in RPCS.values():
+            if rpc.name == "Health":
+                fn = self._health  # the hot path: no context, no lock
+                handlers[rpc.name] = grpc.unary_unary_rpc_method_handler(
+                    fn, rpc.request.FromString, rpc.response.SerializeToString
+                )
+            elif rpc.streaming:
+                handlers[rpc.name] = grpc.unary_stream_rpc_method_handler(
+                    self._stream_handler(rpc), rpc.request.FromString, rpc.response.SerializeToString
+                )
+            else:
+                handlers[rpc.name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary_handler(rpc), rpc.request.FromString, rpc.response.SerializeToString
+                )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    async def _health(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Reply:
+        return self.runtime.health()
+
+    def _unary_handler(self, rpc: Rpc) -> Any:
+        runtime = self.runtime
+        name = rpc.name
+
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            ctx = _call_context(name, context)
+            try:
+                if rpc.needs_model:
+                    runtime.check_identity(ctx.metadata.get(MODEL_IDENTITY_KEY))
+                return await runtime.unary(name, request, ctx)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status, never crashes the server
+                await _abort(context, exc, name)
+
+        handler.__name__ = rpc.method
+        return handler
+
+    def _stream_handler(self, rpc: Rpc) -> Any:
+        runtime = self.runtime
+        name = rpc.name
+
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            ctx = _call_context(name, context)
+            stream = runtime.stream(name, request, ctx)
+            try:
+                if rpc.needs_model:
+                    runtime.check_identity(ctx.metadata.get(MODEL_IDENTITY_KEY))
+                async for reply in stream:
+                    yield reply
+            except Exception as exc:  # noqa: BLE001
+                await _abort(context, exc, name)
+            finally:
+                await stream.aclose()
+
+        handler.__name__ = rpc.method
+        return handler
+
+
+class LLMServicer:
+    """Seed 003's ``entity.grpc.LLMService.Generate``: a prompt in, tokens streamed out.
+
+    A thin front over the same backend's ``PredictStream``; each reply's text becomes
+    one ``GenerateResponse.token``.
+    """
+
+    def __init__(self, runtime: BackendRuntime) -> None:
+        self.runtime = runtime
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        rpc = LLM_RPCS["Generate"]
+        return grpc.method_handlers_generic_handler(
+            LLM_SERVICE_NAME,
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    self.generate, rpc.request.FromString, rpc.response.SerializeToString
+                )
+            },
+        )
+
+    async def generate(
+        self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        ctx = _call_context("PredictStream", context)
+        options = pb.PredictOptions(Prompt=request.prompt, UseTokenizerTemplate=False)
+        stream = self.runtime.stream("PredictStream", options, ctx)
+        try:
+            async for reply in stream:
+                if reply.message:
+                    yield llm_pb2.GenerateResponse(token=reply.message.decode("utf-8"))
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc, "Generate")
+        finally:
+            await stream.aclose()

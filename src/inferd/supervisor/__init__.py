@@ -1,0 +1,1 @@
+"""The supervisor: owns backend processes (model manager, watchdog)."""
