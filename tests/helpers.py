@@ -1,0 +1,78 @@
+"""Test helpers: start a real inferd server in-process or as a subprocess on a free port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from inferd.backends.base import Backend
+from inferd.server.app import InferdServer
+from inferd.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_settings(**overrides: Any) -> Settings:
+    """Settings isolated from the caller's environment, bound to loopback, port 0."""
+    base = Settings.load([], env={})
+    return base.with_overrides(host="127.0.0.1", port=0, watch_parent=False, shutdown_grace=2.0, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_server(backend: Backend, **overrides: Any) -> AsyncIterator[InferdServer]:
+    """Start ``backend`` behind a real grpc.aio server in this event loop; yields the server.
+
+    The address is ``f"127.0.0.1:{server.port}"``.
+    """
+    server = InferdServer(test_settings(**overrides), backend)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+
+
+@contextlib.contextmanager
+def spawned_server(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run ``inferd serve ARGS`` as a subprocess on a free port; yield (process, address).
+
+    Waits for the "listening on" line, so the port is bound when this yields.
+    """
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "INFERD_WATCH_PARENT": "false", **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inferd.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=full_env,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while True:
+            line = proc.stdout.readline()
+            if "listening on" in line:
+                break
+            if not line and proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+        yield proc, f"127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
