@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("health", "is the backend alive?"), ("status", "backend state and memory")):
         _client_parser(sub.add_parser(name, help=text))
 
+    chat = sub.add_parser("chat", help="stream a chat reply (PredictStream with the model's chat template)")
+    chat.add_argument("message", help="the user message")
+    chat.add_argument("--system", default="", help="optional system prompt")
+    chat.add_argument("--max-tokens", type=int, default=128, help="Tokens limit [128]")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [0]")
+    _client_parser(chat)
+
     sub.add_parser("backends", help="list registered backends and their capabilities")
 
     from inferd.supervisor.cli import add_supervisor_commands
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "backends":
         return _backends()
-    if args.command in ("call", "health", "status"):
+    if args.command in ("call", "health", "status", "chat"):
         return asyncio.run(_client_command(args))
     return args.handler(args)
 
@@ -150,6 +157,8 @@ async def _client_command(args: argparse.Namespace) -> int:
             st = await client.status(timeout=args.timeout or 10.0)
             print(format_status(args.addr, st))
             return 0
+        if args.command == "chat":
+            return await _chat(client, args)
         rpc = RPCS.get(args.rpc)
         if rpc is None:
             print(f"inferd: unknown rpc {args.rpc!r}; one of: {', '.join(RPCS)}", file=sys.stderr)
@@ -171,6 +180,22 @@ async def _client_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         await client.close()
+
+
+async def _chat(client: Any, args: argparse.Namespace) -> int:
+    """Print the reply as it streams: chat_deltas content when the backend parses it."""
+    from inferd.proto import backend_pb2 as pb
+
+    messages = [pb.Message(role="system", content=args.system)] if args.system else []
+    messages.append(pb.Message(role="user", content=args.message))
+    request = pb.PredictOptions(
+        Messages=messages, UseTokenizerTemplate=True, Tokens=args.max_tokens, Temperature=args.temperature
+    )
+    async for reply in client.predict_stream(request, timeout=args.timeout):
+        text = "".join(d.content for d in reply.chat_deltas) if reply.chat_deltas else reply.message.decode()
+        print(text, end="", flush=True)
+    print()
+    return 0
 
 
 def format_status(addr: str, st: Any) -> str:

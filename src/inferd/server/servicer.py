@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 
 from inferd.backends.context import CallContext
-from inferd.proto import llm_pb2
 from inferd.proto import backend_pb2 as pb
+from inferd.proto import llm_pb2
 from inferd.protocol import LLM_RPCS, LLM_SERVICE_NAME, RPCS, SERVICE_NAME, Rpc
 from inferd.runtime import BackendRuntime
 from inferd.server.status_map import to_status

