@@ -24,7 +24,7 @@ from typing import Any
 
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
-from inferd.errors import InferdError, NoModelLoaded, PermissionDenied, Unsupported
+from inferd.errors import InferdError, NoModelLoaded, NotFound, Unsupported
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import RPCS
 
@@ -35,6 +35,8 @@ log = logging.getLogger("inferd.runtime")
 UNGATED = frozenset({"Health", "Status", "GetMetrics", "FineTuneProgress", "QuantizationProgress"})
 
 _HEALTH_REPLY = pb.Reply(message=b"OK")
+# Metadata form of LocalAI's model identity, for clients whose stubs lack the field.
+MODEL_IDENTITY_KEY = "x-model-identity"
 _SENTINEL = object()
 
 
@@ -75,7 +77,7 @@ class BackendRuntime:
             return await self.load_model(request, ctx)
         if rpc == "Free":
             return await self.free(ctx)
-        fn = self._resolve(rpc)
+        fn = self._resolve(rpc, request, ctx)
         async with self._gate(rpc):
             if inspect.iscoroutinefunction(fn):
                 return await fn(request, ctx)
@@ -83,7 +85,7 @@ class BackendRuntime:
 
     async def stream(self, rpc: str, request: Any, ctx: CallContext) -> AsyncIterator[Any]:
         """Yield the replies of a server-streaming rpc; closing the iterator cancels it."""
-        fn = self._resolve(rpc)
+        fn = self._resolve(rpc, request, ctx)
         async with self._gate(rpc):
             if inspect.isasyncgenfunction(fn):
                 agen = fn(request, ctx)
@@ -151,20 +153,51 @@ class BackendRuntime:
         return type(self.backend).load is not Backend.load
 
     # ---- the calling rules ------------------------------------------------------
-    def _resolve(self, rpc: str) -> Callable[..., Any]:
+    def _resolve(self, rpc: str, request: Any, ctx: CallContext) -> Callable[..., Any]:
         info = RPCS[rpc]
         if not self._supported[rpc]:
             raise Unsupported(self.backend.name, rpc)
-        if info.needs_model and not self.backend.loaded and getattr(self.backend, "needs_model", True):
-            raise NoModelLoaded(self.backend.name, rpc)
+        if info.needs_model:
+            if not self.backend.loaded and getattr(self.backend, "needs_model", True):
+                raise NoModelLoaded(self.backend.name, rpc)
+            self.check_identity(ctx.metadata.get(MODEL_IDENTITY_KEY), request)
         return getattr(self.backend, info.method)
 
-    def check_identity(self, claimed: str | None) -> None:
-        """Refuse a call meant for another model (LocalAI's model-identity header)."""
-        if claimed and self.backend.loaded and self.backend.model_name and claimed != self.backend.model_name:
-            raise PermissionDenied(
-                f"this backend serves model '{self.backend.model_name}', the request is for '{claimed}'"
-            )
+    def check_identity(self, claimed: str | None, request: Any = None) -> None:
+        """Refuse a call meant for another model (LocalAI's model-identity convention).
+
+        LocalAI (``pkg/grpc/server.go`` ``checkModelIdentity``, ``backend/python/common/
+        model_identity.py``) sends the model a request is for in the request message's
+        own ``ModelIdentity`` field (PredictOptions = 54, ...; set from the same
+        ``ModelConfig.Model`` that became ``ModelOptions.Model`` at LoadModel) so a
+        backend reached through a recycled port refuses instead of answering from the
+        wrong model. Our stubs predate the field, so it is read from the message's
+        unknown fields by number. ``claimed`` is the same value sent as metadata
+        (``MODEL_IDENTITY_KEY``) by clients whose stubs lack the field.
+
+        Either side empty skips the check (an older LocalAI, a load that named no
+        model): a false rejection is worse than the miss. A mismatch is NOT_FOUND with
+        "model identity mismatch" in the message: LocalAI's router requires both
+        (``grpcerrors.IsModelMismatch``) before it drops its stale route.
+        """
+        requested = claimed or ""
+        if not requested and request is not None:
+            requested = getattr(request, "ModelIdentity", "") or ""
+            number = {  # LocalAI's field numbers (backend/backend.proto)
+                "PredictOptions": 54, "TranscriptRequest": 11, "GenerateImageRequest": 13,
+                "GenerateVideoRequest": 15, "TTSRequest": 8, "VADRequest": 2,
+                "SoundGenerationRequest": 18, "DetectOptions": 6, "RerankRequest": 4,
+            }.get(type(request).__name__)
+            if not requested and number is not None:
+                from google.protobuf.unknown_fields import UnknownFieldSet
+
+                for f in UnknownFieldSet(request):
+                    if f.field_number == number and f.wire_type == 2:  # length-delimited string
+                        requested = bytes(f.data).decode("utf-8", "replace")
+        loaded = self.backend.model_name if self.backend.loaded else ""
+        if requested and loaded and requested != loaded:
+            raise NotFound(f"{self.backend.name}: model identity mismatch: loaded {loaded!r}, "
+                           f"requested {requested!r}")
 
     @contextlib.asynccontextmanager
     async def _gate(self, rpc: str, serialize_always: bool = False) -> AsyncIterator[None]:

@@ -18,10 +18,10 @@ from inferd.backends.context import CallContext
 from inferd.proto import backend_pb2 as pb
 from inferd.proto import llm_pb2
 from inferd.protocol import LLM_RPCS, LLM_SERVICE_NAME, RPCS, SERVICE_NAME, Rpc
-from inferd.runtime import BackendRuntime
+from inferd.runtime import MODEL_IDENTITY_KEY, BackendRuntime
 from inferd.server.status_map import to_status
 
-MODEL_IDENTITY_KEY = "x-model-identity"
+__all__ = ["MODEL_IDENTITY_KEY", "BackendServicer", "LLMServicer"]
 
 
 def _call_context(rpc: str, context: grpc.aio.ServicerContext) -> CallContext:
@@ -70,8 +70,6 @@ class BackendServicer:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             ctx = _call_context(name, context)
             try:
-                if rpc.needs_model:
-                    runtime.check_identity(ctx.metadata.get(MODEL_IDENTITY_KEY))
                 return await runtime.unary(name, request, ctx)
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never crashes the server
                 await _abort(context, exc, name)
@@ -87,8 +85,6 @@ class BackendServicer:
             ctx = _call_context(name, context)
             stream = runtime.stream(name, request, ctx)
             try:
-                if rpc.needs_model:
-                    runtime.check_identity(ctx.metadata.get(MODEL_IDENTITY_KEY))
                 async for reply in stream:
                     yield reply
             except Exception as exc:  # noqa: BLE001

@@ -1,10 +1,197 @@
-"""Supervisor subcommands of ``inferd`` (filled in by the supervisor issue)."""
+"""Supervisor subcommands of ``inferd``: ``up``, ``ps``, ``stop``.
+
+    inferd up models.yaml            run the manager in the foreground (Ctrl-C stops all)
+    inferd ps [--json]               the running manager's backends
+    inferd start NAME                start a model now (if stopped), print its address
+    inferd stop NAME | --all         stop one backend, or the manager and all its backends
+
+``ps`` and ``stop`` find the manager through ``RUN_DIR/manager.json`` (see
+``inferd.supervisor.control``); RUN_DIR is ``--run-dir``, else ``$INFERD_RUN_DIR``,
+else ``$XDG_RUNTIME_DIR/inferd``, else ``/tmp/inferd-UID``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 
 def add_supervisor_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``up``/``ps``/``stop``; none yet."""
-    return None
+    """Register ``up``/``ps``/``stop`` on the ``inferd`` parser."""
+    up = sub.add_parser("up", help="start the model manager for a models.yaml (foreground)")
+    up.add_argument("config", help="models.yaml: the models, limits and watchdog timeouts")
+    _run_dir_arg(up)
+    up.add_argument("--max-loaded", type=int, default=None, help="override max_loaded (0: unlimited)")
+    up.add_argument("--busy-timeout", default=None, help="override watchdog.busy_timeout ('5m', 300, off)")
+    up.add_argument("--idle-timeout", default=None, help="override watchdog.idle_timeout ('15m', 900, off)")
+    up.add_argument("--lazy", action="store_true", help="start no model now; each starts on first demand")
+    up.add_argument("--no-track-external", action="store_true",
+                    help="count only calls made through the manager as busy (default: poll Status too)")
+    up.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    up.set_defaults(handler=_up)
+
+    ps = sub.add_parser("ps", help="list the backends of the running manager")
+    _run_dir_arg(ps)
+    ps.add_argument("--json", action="store_true", help="print JSON rows")
+    ps.set_defaults(handler=_ps)
+
+    start = sub.add_parser("start", help="start a model of the running manager now; print its address")
+    start.add_argument("name", help="model name, as in models.yaml")
+    _run_dir_arg(start)
+    start.set_defaults(handler=_start)
+
+    stop = sub.add_parser("stop", help="stop a backend of the running manager (or --all)")
+    stop.add_argument("name", nargs="?", help="model name, as in models.yaml")
+    stop.add_argument("--all", action="store_true", help="stop every backend and the manager")
+    _run_dir_arg(stop)
+    stop.set_defaults(handler=_stop)
+
+
+def _run_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default=None,
+                   help="where manager.json and the backends' logs live [env INFERD_RUN_DIR]")
+
+
+def _run_dir(args: argparse.Namespace, fallback: str = "") -> Path:
+    from inferd.supervisor.config import default_run_dir
+
+    if args.run_dir:
+        return Path(args.run_dir)
+    return Path(fallback) if fallback else default_run_dir()
+
+
+def _up(args: argparse.Namespace) -> int:
+    from inferd.supervisor.config import ConfigError, load_config, parse_duration
+    from inferd.supervisor.control import ControlError, ControlServer
+    from inferd.supervisor.manager import ModelError, ModelManager
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+        over: dict[str, Any] = {"track_external_calls": not args.no_track_external}
+        if args.max_loaded is not None:
+            over["max_loaded"] = args.max_loaded
+        if args.busy_timeout is not None:
+            over["busy_timeout"] = parse_duration(args.busy_timeout, "--busy-timeout")
+        if args.idle_timeout is not None:
+            over["idle_timeout"] = parse_duration(args.idle_timeout, "--idle-timeout")
+        run_dir = _run_dir(args, cfg.run_dir)
+        cfg = replace(cfg, run_dir=str(run_dir), **over)
+        cfg.validate()
+    except ConfigError as exc:
+        print(f"inferd up: {exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    manager = ModelManager(cfg)
+    control = ControlServer(manager, run_dir, str(Path(args.config).resolve()))
+    try:
+        try:
+            url = control.start()
+        except ControlError as exc:
+            print(f"inferd up: {exc}", file=sys.stderr)
+            return 1
+        print(f"inferd up: manager pid {os.getpid()} control {url} (run dir {run_dir})", flush=True)
+        if not args.lazy:
+            limit = cfg.max_loaded or len(cfg.models)
+            for spec in cfg.models[:limit]:
+                if stop.is_set():
+                    break
+                try:
+                    address = manager.ensure(spec.name)
+                    print(f"inferd up: {spec.name} ready at {address}", flush=True)
+                except ModelError as exc:
+                    print(f"inferd up: {spec.name} failed: {exc}", file=sys.stderr, flush=True)
+        while not stop.is_set() and not control.shutdown_requested.is_set():
+            stop.wait(0.2)
+        return 0
+    finally:
+        control.stop()
+        manager.close()
+
+
+def _ps(args: argparse.Namespace) -> int:
+    from inferd.supervisor.control import ControlClient, ControlError
+
+    try:
+        rows = ControlClient(_run_dir(args)).ps()
+    except ControlError as exc:
+        print(f"inferd ps: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_ps(rows))
+    return 0
+
+
+def format_ps(rows: list[dict[str, Any]]) -> str:
+    """The ``inferd ps`` table."""
+    head = ("NAME", "BACKEND", "STATE", "PID", "ADDRESS", "MEMORY", "BUSY", "IDLE", "RESTARTS", "LAST EVENT")
+    table = [head]
+    for r in rows:
+        state = r["state"] + (f"/{r['backend_state'].lower()}" if r.get("backend_state") else "")
+        table.append((
+            r["name"], r["backend"], state, str(r["pid"] or "-"), r["address"] or "-",
+            _human(r["rss_bytes"]) if r.get("rss_bytes") else "-",
+            _secs(r.get("busy_seconds")), _secs(r.get("idle_seconds")), str(r["restarts"]),
+            (r.get("last_error") or r.get("last_event") or "")[:60],
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+
+
+def _start(args: argparse.Namespace) -> int:
+    from inferd.supervisor.control import ControlClient, ControlError
+
+    try:
+        address = ControlClient(_run_dir(args), timeout=900).start(args.name)
+    except ControlError as exc:
+        print(f"inferd start: {exc}", file=sys.stderr)
+        return 1
+    print(address)
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from inferd.supervisor.control import ControlClient, ControlError
+
+    if not args.all and not args.name:
+        print("inferd stop: give a model NAME or --all", file=sys.stderr)
+        return 2
+    try:
+        client = ControlClient(_run_dir(args))
+        if args.all:
+            client.shutdown()
+            print(f"inferd stop: manager pid {client.pid} is stopping all backends")
+            return 0
+        stopped = client.stop(args.name)
+    except ControlError as exc:
+        print(f"inferd stop: {exc}", file=sys.stderr)
+        return 1
+    print(f"inferd stop: {args.name} {'stopped' if stopped else 'was not running'}")
+    return 0
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}s"
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
