@@ -1,0 +1,401 @@
+"""Continuous batching: one llama_decode per step over every active sequence.
+
+The scheduler owns the generation context and one thread that runs ``step()`` while
+there is work. Its surface is small (vLLM's shape): ``add`` a request, ``abort`` it,
+``step``. Each active request holds one slot = one llama.cpp sequence id with its own
+native sampler chain. A step puts the next token of every generating sequence, plus
+as many prompt tokens of newly admitted sequences as fit in ``n_batch``, into ONE
+batch, decodes it, and samples every sequence whose logits came out. New requests
+join between steps; a cancelled or aborted one is dropped at the next step (within
+one token) and its KV cells are freed at once.
+
+Outputs leave through the request's ``emit`` callback, called on the scheduler thread
+with a ``StepOutput``: the async backend forwards it with ``call_soon_threadsafe``, a
+synchronous caller can push it into a ``queue.Queue``. Per-token Python work is kept
+to a few attribute writes and one C sampling call per sequence; text assembly is
+incremental (``detokenizer``) and logprobs are computed only when asked for.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from inferd.engines.llama.detokenizer import IncrementalDetokenizer
+from inferd.engines.llama.model import LlamaModel
+from inferd.engines.llama.sampling import SamplingParams, build_sampler, free_sampler
+
+log = logging.getLogger("inferd.engines.llama.scheduler")
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit in the context (leaving room for one generated token)."""
+
+    def __init__(self, n_prompt: int, n_ctx: int) -> None:
+        super().__init__(
+            f"the prompt has {n_prompt} tokens but the context holds {n_ctx} "
+            f"(at most {n_ctx - 1} prompt tokens, leaving room to generate)"
+        )
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the wait queue is at its bound."""
+
+
+class EngineClosed(RuntimeError):
+    """The scheduler was stopped (model unloaded) while the request was pending."""
+
+
+class KVCacheFull(RuntimeError):
+    """The shared KV cache had no room left for this sequence."""
+
+
+@dataclass
+class Completion:
+    """Final accounting of one request (attached to its last ``StepOutput``)."""
+
+    finish_reason: str  # "stop", "length", "cancelled", "error"
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_seconds: float
+    generation_seconds: float
+    error: BaseException | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request: a text delta and, at the end, a Completion."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
+    completion: Completion | None = None
+
+
+Emit = Callable[[StepOutput], None]
+
+
+class Request:
+    """One generation in the scheduler; fields after ``sampler`` are scheduler-private."""
+
+    __slots__ = (
+        "id", "prompt", "params", "emit", "is_cancelled", "sampler", "aborted", "slot",
+        "n_past", "n_prefilled", "n_gen", "last_token", "batch_idx", "detok", "t_admit",
+        "t_first", "pending_ids", "pending_logprobs", "done",
+    )
+
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, emit: Emit,
+                 is_cancelled: Callable[[], bool] | None, sampler: Any) -> None:
+        self.id = rid
+        self.prompt = prompt
+        self.params = params
+        self.emit = emit
+        self.is_cancelled = is_cancelled
+        self.sampler = sampler
+        self.aborted = False
+        self.slot = -1
+        self.n_past = 0
+        self.n_prefilled = 0
+        self.n_gen = 0
+        self.last_token = -1
+        self.batch_idx = -1
+        self.detok = IncrementalDetokenizer(params.stop)
+        self.t_admit = 0.0
+        self.t_first = 0.0
+        self.pending_ids: list[int] = []
+        self.pending_logprobs: list[dict[str, Any]] | None = [] if params.want_logprobs else None
+        self.done = False
+
+
+class Scheduler:
+    """Runs all generations of one ``LlamaModel`` on one thread (see module docstring)."""
+
+    def __init__(self, model: LlamaModel, max_waiting: int = 64) -> None:
+        self.model = model
+        self.ctx = model.ctx
+        self.slots = model.n_seq_max
+        self.n_ctx = model.n_ctx
+        self.n_batch = model.n_batch
+        self.max_waiting = max_waiting
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._free_slots = list(range(self.slots - 1, -1, -1))
+        self._stop = False
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.slots)
+        self._b_token = self._batch.token
+        self._b_pos = self._batch.pos
+        self._b_nseq = self._batch.n_seq_id
+        self._b_seq = self._batch.seq_id
+        self._b_logits = self._batch.logits
+        self._eog = model.eog_tokens
+        # metrics (read by GetMetrics from other threads; plain ints are fine)
+        self.total_generated = 0
+        self.total_prompt = 0
+        self.last_tokens_per_second = 0.0
+        self.last_slot = -1
+        self.last_prompt_text = ""
+        self._thread = threading.Thread(target=self._run, name="inferd-llama-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- public surface -----------------------------------------------------------------
+    def add(self, prompt: list[int], params: SamplingParams, emit: Emit,
+            is_cancelled: Callable[[], bool] | None = None) -> Request:
+        """Queue a generation; raises PromptTooLong, QueueFull, SamplerError, EngineClosed.
+
+        The sampler chain is built here, on the caller's thread, so a bad grammar or
+        logit bias fails the call before it takes a slot.
+        """
+        if not prompt:
+            raise ValueError("the prompt is empty (no tokens)")
+        if len(prompt) >= self.n_ctx:
+            raise PromptTooLong(len(prompt), self.n_ctx)
+        sampler = build_sampler(params, self.model.vocab, self.model.n_vocab, self.n_ctx, self._eog)
+        req = Request(next(self._ids), prompt, params, emit, is_cancelled, sampler)
+        with self._cv:
+            if self._stop:
+                free_sampler(sampler)
+                raise EngineClosed("the model is being unloaded")
+            free = self.slots - len(self._active)
+            if len(self._waiting) >= self.max_waiting + max(0, free):
+                free_sampler(sampler)
+                raise QueueFull(
+                    f"all {self.slots} slots are busy and {len(self._waiting)} requests are waiting "
+                    f"(bound {self.max_waiting}); retry later"
+                )
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Drop ``req`` at the next step (within one token); safe from any thread."""
+        req.aborted = True
+        with self._cv:
+            self._cv.notify()
+
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        """Stop the thread; pending and active requests finish with ``EngineClosed``."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+        err = EngineClosed("the model was unloaded")
+        for req in list(self._active):
+            self._finish(req, "error", err)
+        while self._waiting:
+            self._finish(self._waiting.popleft(), "error", err)
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        cv = self._cv
+        while True:
+            with cv:
+                while not self._stop and not self._waiting and not self._active:
+                    cv.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - fail the requests, keep the engine alive
+                log.exception("scheduler step failed")
+                for req in list(self._active):
+                    self._finish(req, "error", exc)
+
+    def step(self) -> None:
+        """Admit, build one batch, decode it, sample every sequence that has logits."""
+        active = self._active
+        # 1. drop cancelled / aborted sequences (frees their slots for admission below)
+        for req in list(active):
+            if req.aborted or (req.is_cancelled is not None and req.is_cancelled()):
+                self._finish(req, "cancelled")
+        # 2. admit waiting requests into free slots
+        if self._waiting and self._free_slots:
+            with self._cv:
+                while self._waiting and self._free_slots:
+                    req = self._waiting.popleft()
+                    if req.aborted or (req.is_cancelled is not None and req.is_cancelled()):
+                        self._finish(req, "cancelled")
+                        continue
+                    req.slot = self._free_slots.pop()
+                    req.t_admit = time.perf_counter()
+                    active.append(req)
+        if not active:
+            return
+        # 3. one batch: a token per generating sequence, then prompt chunks
+        tok, pos, nseq, seq, logits = self._b_token, self._b_pos, self._b_nseq, self._b_seq, self._b_logits
+        n = 0
+        plan: list[tuple[Request, int]] = []
+        for req in active:
+            if req.n_prefilled == len(req.prompt):
+                tok[n] = req.last_token
+                pos[n] = req.n_past
+                nseq[n] = 1
+                seq[n][0] = req.slot
+                logits[n] = 1
+                req.batch_idx = n
+                plan.append((req, 1))
+                n += 1
+        budget = self.n_batch - n
+        for req in active:
+            remaining = len(req.prompt) - req.n_prefilled
+            if remaining == 0:
+                continue
+            req.batch_idx = -1
+            if budget <= 0:
+                continue
+            take = min(remaining, budget)
+            start = req.n_prefilled
+            slot = req.slot
+            p0 = req.n_past
+            prompt = req.prompt
+            for j in range(take):
+                tok[n] = prompt[start + j]
+                pos[n] = p0 + j
+                nseq[n] = 1
+                seq[n][0] = slot
+                logits[n] = 0
+                n += 1
+            if take == remaining:
+                logits[n - 1] = 1
+                req.batch_idx = n - 1
+            plan.append((req, take))
+            budget -= take
+        if n == 0:
+            return
+        self._batch.n_tokens = n
+        ret = llama_cpp.llama_decode(self.ctx, self._batch)
+        if ret != 0:
+            self._decode_failed(ret, plan)
+            return
+        # 4. advance and sample
+        for req, count in plan:
+            req.n_past += count
+            if req.n_prefilled < len(req.prompt):
+                req.n_prefilled += count
+                self.total_prompt += count
+        sample = llama_cpp.llama_sampler_sample
+        for req, _count in plan:
+            if req.batch_idx < 0:
+                continue
+            token = sample(req.sampler, self.ctx, req.batch_idx)
+            self._on_token(req, token)
+
+    def _decode_failed(self, ret: int, plan: list[tuple[Request, int]]) -> None:
+        if ret == 1 and len(plan) > 1:
+            # No room in the shared KV cache for everyone: evict the newest sequence
+            # (llama.cpp rolled the failed batch back), the others retry next step.
+            newest = max((r for r, _ in plan), key=lambda r: r.id)
+            self._finish(newest, "error", KVCacheFull(
+                f"the KV cache ({self.model.n_ctx_total} cells shared by {self.slots} slots) is full; "
+                "retry, or load with a larger ContextSize"))
+            return
+        err: BaseException = KVCacheFull(f"the KV cache ({self.n_ctx} cells) is full") if ret == 1 else \
+            RuntimeError(f"llama_decode failed with status {ret}")
+        for req, _ in plan:
+            self._finish(req, "error", err)
+
+    def _on_token(self, req: Request, token: int) -> None:
+        req.n_gen += 1
+        if req.n_gen == 1:
+            req.t_first = time.perf_counter()
+        params = req.params
+        if token in self._eog and not params.ignore_eos:
+            self._finish(req, "stop")
+            return
+        text = req.detok.feed(self.model.piece(token))
+        req.pending_ids.append(token)
+        if req.pending_logprobs is not None:
+            req.pending_logprobs.append(self._logprobs(req, token))
+        if req.detok.stopped:
+            self._finish(req, "stop", text=text)
+            return
+        if (params.max_tokens and req.n_gen >= params.max_tokens) or req.n_past + 1 >= self.n_ctx:
+            self._finish(req, "length", text=text)
+            return
+        req.last_token = token
+        if text:
+            out = StepOutput(text, req.pending_ids, req.pending_logprobs)
+            req.pending_ids = []
+            if req.pending_logprobs is not None:
+                req.pending_logprobs = []
+            self._emit(req, out)
+
+    def _logprobs(self, req: Request, token: int) -> dict[str, Any]:
+        """OpenAI-format logprob entry of ``token`` from the raw (pre-sampling) logits."""
+        import numpy as np
+
+        n_vocab = self.model.n_vocab
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, req.batch_idx)
+        logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
+        m = float(logits.max())
+        lse = m + float(np.log(np.exp(logits - m).sum()))
+        piece = self.model.piece(token)
+        entry: dict[str, Any] = {
+            "token": piece.decode("utf-8", "replace"),
+            "logprob": float(logits[token] - lse),
+            "bytes": list(piece),
+            "top_logprobs": [],
+        }
+        k = min(req.params.logprobs, n_vocab)
+        if k > 0:
+            top = np.argpartition(-logits, k - 1)[:k]
+            top = top[np.argsort(-logits[top])]
+            for t in top:
+                p = self.model.piece(int(t))
+                entry["top_logprobs"].append(
+                    {"token": p.decode("utf-8", "replace"), "logprob": float(logits[t] - lse), "bytes": list(p)}
+                )
+        return entry
+
+    def _emit(self, req: Request, out: StepOutput) -> None:
+        try:
+            req.emit(out)
+        except Exception:  # noqa: BLE001 - a gone consumer must not stop the others
+            log.debug("emit failed for request %d; dropping it", req.id, exc_info=True)
+            req.aborted = True
+
+    def _finish(self, req: Request, reason: str, error: BaseException | None = None, text: str = "") -> None:
+        if req.done:
+            return
+        req.done = True
+        if reason in ("stop", "length"):
+            text += req.detok.finish()
+        if req.slot >= 0:
+            llama_cpp.llama_memory_seq_rm(self.model.memory, req.slot, -1, -1)
+            self._free_slots.append(req.slot)
+            self.last_slot = req.slot
+            req.slot = -1
+        if req in self._active:
+            self._active.remove(req)
+        free_sampler(req.sampler)
+        req.sampler = None
+        now = time.perf_counter()
+        t_first = req.t_first or now
+        prompt_s = (t_first - req.t_admit) if req.t_admit else 0.0
+        gen_s = (now - t_first) if req.t_first else 0.0
+        n_gen = req.n_gen
+        self.total_generated += req.n_gen
+        if gen_s > 0 and req.n_gen > 1:
+            self.last_tokens_per_second = (req.n_gen - 1) / gen_s
+        completion = Completion(reason, len(req.prompt), n_gen, prompt_s, gen_s, error)
+        self._emit(req, StepOutput(text, req.pending_ids, req.pending_logprobs, completion))
