@@ -53,6 +53,15 @@ say "installing inferd[all,dev]"
 EXTRA_SETUP="${INFERD_EXTRA_SETUP:-}"
 if [ -n "$EXTRA_SETUP" ]; then bash -c "$EXTRA_SETUP"; fi
 
+# ---- test-only extras ---------------------------------------------------------------------
+if [ "${1:-}" = "--test" ]; then
+  # The torch reference path for the embeddings equivalence test (cosine >= 0.999 vs ONNX).
+  # torch MUST be pinned: 2.13.0 is a local CPU build; an unpinned torch pulls GBs of CUDA.
+  say "installing the torch reference (CPU build) for the embeddings equivalence test"
+  "${PIP[@]}" install "torch==2.13.0"
+  "${PIP[@]}" install "torch==2.13.0" "sentence-transformers==6.2.0"
+fi
+
 # ---- the Node client used by the cross-language test ------------------------------------
 if [ "${1:-}" = "--test" ] && command -v npm >/dev/null 2>&1; then
   say "installing the Node gRPC client for the cross-language test"

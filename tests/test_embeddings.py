@@ -21,6 +21,7 @@ from inferd.client import new_client
 from inferd.client.errors import RpcError
 from inferd.engines.embeddings import DynamicBatcher, Encoded, model_files
 from inferd.engines.embeddings.model_files import ModelNotFound, resolve_model_dir
+from inferd.errors import LoadError
 from inferd.proto import backend_pb2 as pb
 from tests.helpers import running_server
 
@@ -73,6 +74,63 @@ def test_missing_model_path_names_what_was_tried(tmp_path):
         resolve_model_dir(model_file=str(tmp_path / "nope"))
     with pytest.raises(ModelNotFound, match="no installed package"):
         resolve_model_dir("no-such-model-anywhere")
+
+
+def _linked_model_copy(dst):
+    """A model directory whose config.json is a real copy (touchable) and the rest symlinks."""
+    import shutil
+
+    src = resolve_model_dir()
+    dst.mkdir()
+    for item in src.iterdir():
+        if item.name == "config.json":
+            shutil.copy2(item, dst / item.name)
+        else:
+            (dst / item.name).symlink_to(item)
+    return dst
+
+
+def test_graph_cache_is_reused_and_keyed_by_the_model_files(tmp_path, monkeypatch):
+    import os
+
+    from inferd.engines.embeddings.onnx_graph import ensure_graph
+
+    monkeypatch.setenv("INFERD_CACHE_DIR", str(tmp_path / "cache"))
+    model = _linked_model_copy(tmp_path / "m")
+    spec = model_files.read_spec(model)
+    first = ensure_graph(spec)
+    assert first.is_file() and first.parent == tmp_path / "cache" / "embeddings"
+    built_at = first.stat().st_mtime_ns
+    assert ensure_graph(spec) == first and first.stat().st_mtime_ns == built_at  # reused, not rebuilt
+    st = (model / "config.json").stat()
+    os.utime(model / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = ensure_graph(model_files.read_spec(model))
+    assert second != first and second.is_file()
+
+
+def test_unwritable_cache_still_loads(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("INFERD_CACHE_DIR", str(blocker))
+    backend = SentenceEmbeddingsBackend()
+    try:
+        backend.load(pb.ModelOptions(), CallContext("LoadModel"))
+        assert backend.encoder is not None and backend.encoder.graph_path is None
+        assert backend.batcher is not None and backend.batcher.encode_sync(["hi"]).vectors.shape == (1, 384)
+    finally:
+        backend.unload()
+
+
+def test_unsupported_architecture_fails_the_onnx_load_with_the_reason(tmp_path):
+    import json
+
+    model = _linked_model_copy(tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").unlink()
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "mpnet"}))
+    backend = SentenceEmbeddingsBackend()
+    with pytest.raises(LoadError, match="model_type 'mpnet'"):
+        backend.load(pb.ModelOptions(ModelFile=str(model), Options=["engine:onnx"]), CallContext("LoadModel"))
 
 
 def test_vectors_are_normalized_and_semantic(loaded):

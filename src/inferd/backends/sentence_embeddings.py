@@ -109,7 +109,8 @@ class SentenceEmbeddingsBackend(Backend):
             raise LoadError(f"sentence-embeddings: model not found: {exc}") from None
         try:
             # Each worker runs its own forward; split the cores between them unless told.
-            threads = options.Threads if options.Threads > 0 else max(1, (os.cpu_count() or 1) // opts["workers"])
+            cores = min(os.cpu_count() or 1, 8)
+            threads = options.Threads if options.Threads > 0 else max(1, cores // opts["workers"])
             encoder = create_encoder(spec, opts["engine"], threads=threads)
         except ImportError as exc:
             raise LoadError(

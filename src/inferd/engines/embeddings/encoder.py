@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -103,7 +104,16 @@ class OnnxEncoder:
         if spec.pooling.mode not in POOLING_MODES:
             raise ValueError(f"pooling mode {spec.pooling.mode!r} is not supported (have {POOLING_MODES})")
         self.spec = spec
-        self.graph_path = ensure_graph(spec)
+        graph: str | bytes
+        try:
+            self.graph_path: Path | None = ensure_graph(spec)
+            graph = str(self.graph_path)
+        except OSError as exc:  # cache not writable (read-only home): build in memory every load
+            log.warning("cannot cache the ONNX graph (%s); building it in memory", exc)
+            from inferd.engines.embeddings.onnx_graph import build_bert_graph
+
+            self.graph_path = None
+            graph = build_bert_graph(spec).SerializeToString()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         opts.inter_op_num_threads = 1
@@ -111,7 +121,7 @@ class OnnxEncoder:
         # cores the gRPC server needs to receive them.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.graph_path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
         self._tok = _load_tokenizer(spec, truncate=True)
         self._raw_tok = _load_tokenizer(spec, truncate=False)
         self.dim = int(spec.config["hidden_size"])

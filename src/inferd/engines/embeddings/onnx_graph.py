@@ -77,6 +77,7 @@ def ensure_graph(spec: ModelSpec) -> Path:
         import onnx
 
         onnx.save_model(model, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like the model
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
