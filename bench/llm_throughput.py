@@ -55,35 +55,37 @@ def free_port() -> int:
 
 
 # ---- llama-cpp-python, in process -----------------------------------------------------------
-def bench_llama_cpp_python(model: str, threads: int, tokens: int, repeat: int, n_ctx: int) -> dict[str, float]:
-    from llama_cpp import Llama
+class LlamaCppPython:
+    """The baseline: llama-cpp-python's high-level API, greedy, streamed, in this process."""
 
-    llm = Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=2048, verbose=False)
-    llm.create_completion(PROMPT, max_tokens=4, temperature=0)  # warm-up
-    rates, ttfts = [], []
-    for _ in range(repeat):
-        llm.reset()  # no prompt-prefix reuse: inferd does not cache prompts either
+    def __init__(self, model: str, threads: int, n_ctx: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=2048,
+                         verbose=False)
+        self.run_once(4)  # warm-up
+
+    def run_once(self, tokens: int) -> tuple[float, float]:
+        """(generation tokens/s, time to first token in s) of one request."""
+        self.llm.reset()  # no prompt-prefix reuse: inferd does not cache prompts either
         t0 = time.perf_counter()
         first = last = 0.0
         n = 0
-        for _chunk in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
+        for _chunk in self.llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
             now = time.perf_counter()
             if n == 0:
                 first = now
             last = now
             n += 1
-        ttfts.append(first - t0)
-        rates.append((n - 1) / (last - first) if n > 1 and last > first else 0.0)
-    del llm
-    return {"tok_s": statistics.median(rates), "ttft": statistics.median(ttfts)}
+        return ((n - 1) / (last - first) if n > 1 and last > first else 0.0), first - t0
 
 
 # ---- inferd over gRPC ---------------------------------------------------------------------------
 class InferdServer:
-    def __init__(self, model: str, threads: int, slots: int, n_ctx: int) -> None:
+    def __init__(self, model: str, threads: int, slots: int, n_ctx: int, extra: list[str]) -> None:
         self.port = free_port()
         options = {"ModelFile": model, "Threads": threads, "ContextSize": n_ctx, "MMap": True,
-                   "Options": [f"parallel:{slots}"]}
+                   "Options": [f"parallel:{slots}", *extra]}
         env = {**os.environ, "INFERD_WATCH_PARENT": "false", "PYTHONPATH": str(ROOT / "src")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "inferd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -128,25 +130,31 @@ async def _inferd_stream(client, tokens: int) -> tuple[int, float, float]:
     return n, first, last
 
 
-async def bench_inferd(address: str, tokens: int, repeat: int) -> dict[str, object]:
+async def bench_inferd_and_baseline(address: str, base: LlamaCppPython, tokens: int,
+                                    repeat: int) -> dict[str, object]:
+    """Interleave baseline and inferd runs so drifting load on a shared machine hits both alike."""
     client = new_client(address, parallel=True)
     await _inferd_stream(client, 4)  # warm-up
-    single, ttfts = [], []
+    single, ttfts, base_rates, base_ttfts = [], [], [], []
+    aggregate: dict[int, list[float]] = {n: [] for n in STREAM_COUNTS}
     for _ in range(repeat):
+        rate, ttft = base.run_once(tokens)
+        base_rates.append(rate)
+        base_ttfts.append(ttft)
         t0 = time.perf_counter()
         n, first, last = await _inferd_stream(client, tokens)
         ttfts.append(first - t0)
         single.append((n - 1) / (last - first) if n > 1 and last > first else 0.0)
-    aggregate: dict[int, float] = {}
-    for count in STREAM_COUNTS:
-        rates = []
-        for _ in range(repeat):
+        for count in STREAM_COUNTS:
             t0 = time.perf_counter()
             results = await asyncio.gather(*(_inferd_stream(client, tokens) for _ in range(count)))
-            rates.append(sum(n for n, _, _ in results) / (time.perf_counter() - t0))
-        aggregate[count] = statistics.median(rates)
+            aggregate[count].append(sum(n for n, _, _ in results) / (time.perf_counter() - t0))
     await client.close()
-    return {"tok_s": statistics.median(single), "ttft": statistics.median(ttfts), "aggregate": aggregate}
+    return {
+        "base": {"tok_s": statistics.median(base_rates), "ttft": statistics.median(base_ttfts)},
+        "tok_s": statistics.median(single), "ttft": statistics.median(ttfts),
+        "aggregate": {n: statistics.median(v) for n, v in aggregate.items()},
+    }
 
 
 # ---- llama.cpp's llama-server (optional anchor) ---------------------------------------------------
@@ -227,20 +235,25 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ctx", type=int, default=1024, help="context per stream")
+    ap.add_argument("--option", action="append", default=[],
+                    help="extra inferd load Option, e.g. kv_unified:true (repeatable)")
     args = ap.parse_args()
     model = args.model or default_model_path()
     threads = args.threads or default_threads()
     slots = max(STREAM_COUNTS)
     print(f"model {os.path.basename(model)}, threads {threads}, {args.tokens} greedy tokens, "
-          f"slots {slots}, median of {args.repeat}; load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"slots {slots}, inferd options {args.option or '-'}, median of {args.repeat}; load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    base = bench_llama_cpp_python(model, threads, args.tokens, args.repeat, args.ctx)
-    server = InferdServer(model, threads, slots, args.ctx)
+    baseline = LlamaCppPython(model, threads, args.ctx)
+    server = InferdServer(model, threads, slots, args.ctx, args.option)
     try:
         asyncio.run(server.wait_ready())
-        ours = asyncio.run(bench_inferd(server.address, args.tokens, args.repeat))
+        ours = asyncio.run(bench_inferd_and_baseline(server.address, baseline, args.tokens, args.repeat))
     finally:
         server.close()
+    del baseline
+    base = ours["base"]
+    assert isinstance(base, dict)
     anchor = bench_llama_server(model, threads, slots, args.ctx, args.tokens, args.repeat)
 
     agg = ours["aggregate"]

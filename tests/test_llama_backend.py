@@ -158,6 +158,10 @@ async def test_chat_uses_smollm2_own_template(smol) -> None:
         assert chat.message == raw.message and chat.message
         assert chat.prompt_tokens == raw.prompt_tokens
         assert chat.chat_deltas[0].content == chat.message.decode()
+        _, replies = await stream_text(client, greedy(
+            UseTokenizerTemplate=True, Tokens=12, Messages=[pb.Message(role="user", content=question)]))
+        assert all(len(r.chat_deltas) >= 1 for r in replies)  # chat chunks always say "parsed"
+        assert "".join(d.content for r in replies for d in r.chat_deltas) == chat.chat_deltas[0].content
         await client.close()
 
 
@@ -344,4 +348,23 @@ async def test_inferd_serve_without_a_model_serves_smollm2() -> None:
             UseTokenizerTemplate=True, Temperature=0, Tokens=8,
             Messages=[pb.Message(role="user", content="What is the capital of France?")]))
         assert text.strip() and len(replies) >= 2
+        await client.close()
+
+
+async def test_free_during_a_stream_ends_it_cleanly() -> None:
+    backend = LlamaCppBackend()
+    async with running_server(backend) as server:
+        client = await _client(server)
+        assert (await client.load_model(pb.ModelOptions(ContextSize=512, Threads=1))).success
+        stream = client.predict_stream(pb.PredictOptions(Prompt="Once upon a time", Tokens=2000, IgnoreEOS=True))
+        await stream.__anext__()
+        assert (await client.free(pb.HealthMessage())).success
+        with pytest.raises(RpcError) as info:
+            async for _ in stream:
+                pass
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert (await client.status(pb.HealthMessage())).state == pb.StatusResponse.UNINITIALIZED
+        with pytest.raises(RpcError) as info:
+            await client.predict(pb.PredictOptions(Prompt="hi", Tokens=2))
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
         await client.close()

@@ -275,3 +275,18 @@ def test_embeddings_are_normalised(model) -> None:
     b = model.embed(model.tokenize("The cat sat on the mat."))
     assert len(a) == model.n_embd and a == b
     assert abs(sum(x * x for x in a) - 1.0) < 1e-3
+
+
+def test_metadata_overrides_reach_llama_cpp() -> None:
+    path = default_model_path()
+    plain = LlamaModel(ModelConfig(path=path, n_ctx=256, slots=1, threads=1))
+    overridden = LlamaModel(ModelConfig(path=path, n_ctx=256, slots=1, threads=1,
+                                        kv_overrides=["tokenizer.ggml.add_bos_token=bool:true"]))
+    try:
+        assert plain.add_bos is False and overridden.add_bos is True
+        assert overridden.tokenize("hi")[0] == overridden.bos_token
+    finally:
+        plain.close()
+        overridden.close()
+    with pytest.raises(ModelLoadError, match="Overrides"):
+        LlamaModel(ModelConfig(path=path, kv_overrides=["no-equals-sign"]))

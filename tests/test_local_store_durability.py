@@ -130,5 +130,4 @@ async def test_no_acknowledged_write_is_lost_to_kill_9(tmp_path: Path) -> None:
     store_dir = tmp_path / "s_dur"
     names = sorted(p.name for p in store_dir.iterdir())
     assert any(n.startswith("snapshot-") for n in names), names  # compaction ran during the writes
-    print("ledger", len(ledger.present), len(ledger.deleted), len(ledger.unsure), names)
     assert len(ledger.present) > 200 and len(ledger.deleted) > 50

@@ -202,13 +202,14 @@ def format_status(addr: str, st: Any) -> str:
     from inferd.proto import backend_pb2 as pb
 
     state = pb.StatusResponse.State.Name(st.state)
-    lines = [f"{addr}: {state}", f"  memory: {_human(st.memory.total)} total"]
+    lines = [f"{addr}: {state}", f"  memory: {human_bytes(st.memory.total)} total"]
     for key in sorted(st.memory.breakdown):
-        lines.append(f"    {key:12s} {_human(st.memory.breakdown[key])}")
+        lines.append(f"    {key:12s} {human_bytes(st.memory.breakdown[key])}")
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """Bytes for people: 1536 -> '1.5 KiB'."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

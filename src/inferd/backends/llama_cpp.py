@@ -537,7 +537,10 @@ class LlamaCppBackend(Backend):
                     deltas = chat.parser.feed(out.text) if out.text else []
                     if done is not None:
                         deltas = list(deltas) + list(chat.parser.finish())
-                    reply.chat_deltas.extend(_chat_deltas_pb(deltas))
+                    # Always at least one (maybe empty) delta in a chat chunk: a consumer that
+                    # uses chat_deltas when present, else message, must not fall back to the
+                    # raw text for chunks whose text the parser is still holding back.
+                    reply.chat_deltas.extend(_chat_deltas_pb(deltas) or [pb.ChatDelta()])
                 if done is not None:
                     reply.tokens = done.generated_tokens
                     reply.timing_prompt_processing = done.prompt_seconds * 1000.0

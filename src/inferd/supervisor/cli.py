@@ -189,9 +189,6 @@ def _secs(v: float | None) -> str:
 
 
 def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{n} B"
+    from inferd.cli import human_bytes  # late: inferd.cli imports this module
+
+    return human_bytes(n)

@@ -101,7 +101,7 @@ class ModelConfig:
     yarn_beta_fast: float = -1.0
     yarn_beta_slow: float = -1.0
     yarn_orig_ctx: int = 0
-    kv_unified: bool = False  # True: all slots share one n_ctx pool (less memory, batch-dependent numerics)
+    kv_unified: bool = False  # True: one KV buffer for all slots (faster batches, batch-dependent numerics)
     swa_full: bool = True
     embeddings: bool = False  # create the embedding context at load instead of lazily
     lora: list[tuple[str, float]] = field(default_factory=list)
@@ -247,10 +247,12 @@ class LlamaModel:
         cfg = self.config
         cp = llama_cpp.llama_context_default_params()
         n_ctx = cfg.n_ctx if cfg.n_ctx > 0 else min(self.n_ctx_train, 4096)
-        if not embeddings and not cfg.kv_unified:
-            # One KV stream per slot, each the full context: a request that fits a
-            # single-slot server fits here, and sequences never share attention
-            # buffers, so batched results equal single-request results.
+        self._n_ctx_request = n_ctx
+        if not embeddings:
+            # Room for every slot to use the full context: a request that fits a
+            # single-slot server fits here, and the shared cache can never run out.
+            # Not unified (the default), each slot gets its own KV stream, so batched
+            # results equal single-request results; unified is faster on CPU.
             n_ctx *= max(1, cfg.slots)
         cp.n_ctx = n_ctx
         cp.n_batch = max(1, min(cfg.n_batch, n_ctx)) if not embeddings else cp.n_ctx
@@ -312,7 +314,7 @@ class LlamaModel:
         self.ctx = self._new_context(embeddings=False)
         self.n_ctx_total = llama_cpp.llama_n_ctx(self.ctx)
         # the context one request (one sequence) can use
-        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.n_ctx = min(self._n_ctx_request, llama_cpp.llama_n_ctx_seq(self.ctx))
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.n_seq_max = llama_cpp.llama_n_seq_max(self.ctx)
         self.memory = llama_cpp.llama_get_memory(self.ctx)

@@ -75,7 +75,9 @@ def build_sampler(params: SamplingParams, vocab: Any, n_vocab: int, n_ctx: int,
     add = llama_cpp.llama_sampler_chain_add
     try:
         bias = dict(params.logit_bias)
-        if params.ignore_eos:
+        if params.ignore_eos and not params.grammar:
+            # (with a grammar, end-of-generation is how a completed grammar stops: a
+            # banned EOG would leave no allowed token at all)
             for t in eog_tokens:
                 bias[t] = float("-inf")
         if bias:

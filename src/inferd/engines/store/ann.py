@@ -127,7 +127,8 @@ def calibrate(
     k = 10
     truth = [set(row.tolist()) for row in exact_topk(queries, k)]
     tried: list[tuple[int, float, float]] = []
-    for ef in efs:
+
+    def measure(ef: int) -> tuple[float, float]:
         index.set_ef(ef)
         t0 = time.perf_counter()
         found = [index.search(q, k) for q in queries]
@@ -135,8 +136,18 @@ def calibrate(
         hits = sum(len(set(row.tolist()) & want) for row, want in zip(found, truth, strict=True))
         recall = hits / max(sum(len(w) for w in truth), 1)
         tried.append((ef, recall, ann_ms))
+        return recall, ann_ms
+
+    for ef in efs:
+        recall, ann_ms = measure(ef)
         if ann_ms > exact_ms * max_speed_ratio:
             break
         if recall >= target:
+            # Safety factor: the smallest passing ef sat at the edge on fresh queries
+            # (0.987 on the held-out sample, 0.971 on other queries, 100k x 384), and
+            # doubling it costs little next to a scan.
+            recall2, ann_ms2 = measure(ef * 2)
+            if ann_ms2 <= exact_ms * max_speed_ratio and recall2 >= recall:
+                return Calibration(ef * 2, recall2, ann_ms2, exact_ms, tried)
             return Calibration(ef, recall, ann_ms, exact_ms, tried)
     return Calibration(None, max((t[1] for t in tried), default=0.0), tried[-1][2] if tried else 0.0, exact_ms, tried)

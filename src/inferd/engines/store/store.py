@@ -95,6 +95,7 @@ class VectorStore:
         self._row_of_id = np.empty(0, dtype=np.int64)  # id -> row, -1 when gone
         self._next_id = 0
         self._values: list[bytes] = []
+        self._value_bytes = 0
         self._buckets: dict[int, int | list[int]] = {}
         # ANN state
         self._ann: ann_mod.HnswIndex | None = None
@@ -216,21 +217,22 @@ class VectorStore:
                 self._ann_ef = saved
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            out: dict[str, Any] = {
-                "entries": self._n,
-                "dim": self.dim,
-                "key_bytes": int(self._keys.nbytes),
-                "value_bytes": sum(len(v) for v in self._values),
-                "ann": self._ann_status,
-                "ann_ef": self._ann_ef,
-            }
-            if self._ann is not None:
-                out["ann_bytes"] = self._ann.nbytes()
-            if self._wal is not None:
-                out.update(generation=self._wal.generation, log_bytes=self._wal.log_bytes,
-                           snapshot_bytes=self._wal.snapshot_bytes)
-            return out
+        """Sizes and index state. Lock-free (plain attribute reads, O(1)) on purpose: the
+        server answers Status from its event loop, which must not wait for a long write."""
+        ann, wal = self._ann, self._wal
+        out: dict[str, Any] = {
+            "entries": self._n,
+            "dim": self.dim,
+            "key_bytes": int(self._keys.nbytes),
+            "value_bytes": self._value_bytes,
+            "ann": self._ann_status,
+            "ann_ef": self._ann_ef,
+        }
+        if ann is not None:
+            out["ann_bytes"] = ann.nbytes()
+        if wal is not None:
+            out.update(generation=wal.generation, log_bytes=wal.log_bytes, snapshot_bytes=wal.snapshot_bytes)
+        return out
 
     def wait_for_index(self, timeout: float | None = None) -> bool:
         """Block until a background ANN build finishes (tests, benchmarks). True if none runs."""
@@ -364,6 +366,7 @@ class VectorStore:
             key = mat[i]
             r = self._find_row_h(h, key)
             if r >= 0:
+                self._value_bytes += len(vals[i]) - len(self._values[r])
                 self._values[r] = vals[i]  # same key, same vector: only the value changes
             else:
                 new_rows.append(i)
@@ -381,6 +384,7 @@ class VectorStore:
         self._row_of_id[ids] = np.arange(start, end)
         for j, i in enumerate(new_rows):
             self._values.append(vals[i])
+            self._value_bytes += len(vals[i])
             self._bucket_add(new_hashes[j], start + j)
         self._n = end
         if self._ann is not None:
@@ -405,6 +409,7 @@ class VectorStore:
             if r < 0:
                 continue
             last = self._n - 1
+            self._value_bytes -= len(self._values[r])
             removed_ids.append(int(self._ids[r]))
             self._row_of_id[self._ids[r]] = -1
             if r != last:
@@ -436,6 +441,7 @@ class VectorStore:
         self._inv = np.empty(0, dtype=np.float32)
         self._ids = np.empty(0, dtype=np.int64)
         self._values = []
+        self._value_bytes = 0
         self._buckets = {}
         self._ann = None
         self._ann_ef = None
