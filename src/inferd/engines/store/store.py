@@ -101,6 +101,8 @@ class VectorStore:
         self._ann: ann_mod.HnswIndex | None = None
         self._ann_ef: int | None = None
         self._ann_status = "off" if self.config.ann == "off" else "not built (below threshold)"
+        if self.config.ann != "off" and not ann_mod.available():
+            self._ann_status = "unavailable (hnswlib is not installed): exact scan only"
         self._ann_building: threading.Thread | None = None
         self._ann_build_deleted: list[int] = []
         self._ann_retry_at = self.config.ann_threshold
@@ -447,7 +449,7 @@ class VectorStore:
         self._ann_ef = None
         self._generation += 1  # abandons a running build
         self._ann_retry_at = self.config.ann_threshold
-        if self.config.ann != "off":
+        if self.config.ann != "off" and ann_mod.available():
             self._ann_status = "not built (below threshold)"
 
     # ---- internals: find -------------------------------------------------------------
