@@ -43,6 +43,12 @@ if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version_
   "${PIP[@]}" install "diskcache>=5.6.1" "typing-extensions>=4.5.0"
 fi
 
+# ---- hnswlib (local-store's ANN index): source-only on PyPI; build it portable ------------
+if ! "$VENV/bin/python" -c "import hnswlib" 2>/dev/null; then
+  say "building hnswlib 0.8.0 (portable, about a minute)"
+  HNSWLIB_NO_NATIVE=1 "${PIP[@]}" install --no-binary hnswlib "hnswlib==0.8.0"
+fi
+
 # ---- inferd itself, every engine, dev tools --------------------------------------------
 say "installing inferd[all,dev]"
 "${PIP[@]}" install -e ".[all,dev]"

@@ -24,6 +24,7 @@ from typing import Any
 
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
+from inferd.backends.options import option_bool, option_int, split_options
 from inferd.engines.llama import (
     Completion,
     EngineClosed,
@@ -57,22 +58,11 @@ MAX_TOP_LOGPROBS = 20
 
 
 def _parse_bool(key: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on", ""):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise LoadError(f"Options: {key} expects true/false, got {value!r}")
+    return option_bool(key, value, empty=True)
 
 
 def _parse_int(key: str, value: str, minimum: int) -> int:
-    try:
-        n = int(value.strip())
-    except ValueError:
-        raise LoadError(f"Options: {key} expects an integer, got {value!r}") from None
-    if n < minimum:
-        raise LoadError(f"Options: {key} must be >= {minimum}, got {n}")
-    return n
+    return option_int(key, value, minimum)
 
 
 class LoadPlan:
@@ -125,11 +115,7 @@ def plan_load(options: pb.ModelOptions, env: dict[str, str] | None = None) -> Lo
     if env.get("LLAMACPP_PARALLEL"):
         slots = _parse_int("LLAMACPP_PARALLEL", env["LLAMACPP_PARALLEL"], 1)
     extra: dict[str, Any] = {}
-    for raw in options.Options:
-        key, sep, value = raw.partition(":")
-        if not sep:
-            key, sep, value = raw.partition("=")
-        key = key.strip().lower()
+    for key, value, raw in split_options(options.Options):
         if key in ("parallel", "slots", "n_parallel", "np"):
             slots = _parse_int(key, value, 1)
         elif key in ("use_jinja", "jinja"):

@@ -42,6 +42,7 @@ import numpy as np
 
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
+from inferd.backends.options import option_bool, option_float, option_int, split_options
 from inferd.engines.store import StoreConfig, StoreCorrupt, StoreInputError, VectorStore
 from inferd.errors import FailedPrecondition, InvalidArgument, LoadError
 from inferd.proto import backend_pb2 as pb
@@ -50,7 +51,6 @@ log = logging.getLogger("inferd.backends.local_store")
 
 NAMESPACE_PREFIX = "store://"  # LocalAI's pkg/store NamespacePrefix
 _MODEL_FILE = re.compile(r"\.(gguf|ggml|bin|onnx|safetensors|pt|pth|ckpt|yaml|yml|tflite|pb)$", re.IGNORECASE)
-_OPTION = re.compile(r"^\s*([A-Za-z_]+)\s*[:=](.*)$")
 _OPTION_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(StoreConfig)}
 
 
@@ -84,22 +84,18 @@ def parse_options(items: list[str] | Any) -> StoreConfig:
     """
     cfg = StoreConfig()
     changes: dict[str, Any] = {}
-    for item in items:
-        m = _OPTION.match(item)
-        if m is None or m.group(1) not in _OPTION_TYPES:
-            log.debug("local-store: ignoring option %r", item)
-            continue
-        key, value = m.group(1), m.group(2).strip()
-        kind = _OPTION_TYPES[key]
-        try:
-            if kind is bool:
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(value)
-                changes[key] = value.lower() in ("1", "true", "yes", "on")
-            else:
-                changes[key] = kind(value)
-        except ValueError:
-            raise LoadError(f"local-store: option {key!r}: expected {kind.__name__}, got {value!r}") from None
+    for key, value, raw in split_options(items):
+        kind = _OPTION_TYPES.get(key)
+        if kind is None:
+            log.debug("local-store: ignoring option %r", raw)
+        elif kind is bool:
+            changes[key] = option_bool(key, value)
+        elif kind is int:
+            changes[key] = option_int(key, value)
+        elif kind is float:
+            changes[key] = option_float(key, value)
+        else:
+            changes[key] = value
     cfg = replace(cfg, **changes)
     if cfg.ann not in ("hnsw", "off"):
         raise LoadError(f"local-store: option 'ann': hnsw or off, got {cfg.ann!r}")

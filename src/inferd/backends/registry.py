@@ -32,7 +32,7 @@ def resolve_backend_class(name: str) -> type[Backend]:
     except ImportError as exc:
         raise InvalidArgument(
             f"backend {name!r} cannot be imported ({exc}); is its extra installed? "
-            f"(pip install 'inferd[{name}]')",
+            f"(pip install 'inferd[all]')",
             "backend",
         ) from exc
     cls = getattr(module, class_name, None)

@@ -33,6 +33,7 @@ from typing import Any
 
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
+from inferd.backends.options import option_float, option_int, split_options
 from inferd.engines.embeddings import (
     DynamicBatcher,
     Encoder,
@@ -59,25 +60,15 @@ def _parse_options(options: pb.ModelOptions, env: dict[str, str]) -> dict[str, A
         "max_batch": env.get("INFERD_EMBED_MAX_BATCH", str(DEFAULT_MAX_BATCH)),
         "workers": env.get("INFERD_EMBED_WORKERS", str(DEFAULT_WORKERS)),
     }
-    for item in options.Options:
-        key, sep, value = item.partition(":")
-        if not sep:
-            key, sep, value = item.partition("=")
-        key = key.strip().lower()
+    for key, value, _raw in split_options(options.Options):
         if key in raw:
-            raw[key] = value.strip()
+            raw[key] = value
     engine = raw["engine"].lower()
     if engine not in ENGINES:
         raise LoadError(f"Options: engine must be one of {', '.join(ENGINES)}, got {raw['engine']!r}")
-    try:
-        window_ms = float(raw["batch_window_ms"])
-        max_batch = int(raw["max_batch"])
-        workers = int(raw["workers"])
-    except ValueError:
-        raise LoadError(
-            f"Options: batch_window_ms must be a number, max_batch and workers integers, got "
-            f"{raw['batch_window_ms']!r}, {raw['max_batch']!r} and {raw['workers']!r}"
-        ) from None
+    window_ms = option_float("batch_window_ms", raw["batch_window_ms"])
+    max_batch = option_int("max_batch", raw["max_batch"])
+    workers = option_int("workers", raw["workers"])
     if not 0 <= window_ms <= 1000:
         raise LoadError(f"Options: batch_window_ms must be within 0..1000, got {window_ms}")
     if max_batch < 1:
