@@ -95,7 +95,7 @@ def parse_options(items: list[str] | Any) -> StoreConfig:
         elif kind is float:
             changes[key] = option_float(key, value)
         else:
-            changes[key] = value
+            changes[key] = value.strip()
     cfg = replace(cfg, **changes)
     if cfg.ann not in ("hnsw", "off"):
         raise LoadError(f"local-store: option 'ann': hnsw or off, got {cfg.ann!r}")

@@ -17,12 +17,16 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def split_options(items: Iterable[str]) -> Iterator[tuple[str, str, str]]:
-    """Yield ``(key, value, raw)`` per item: key lower-cased and stripped, value stripped."""
+    """Yield ``(key, value, raw)`` per item: key lower-cased and stripped.
+
+    The value is kept verbatim (a chat template's trailing space matters); the typed
+    helpers below strip it themselves.
+    """
     for raw in items:
         key, sep, value = raw.partition(":")
         if not sep:
             key, sep, value = raw.partition("=")
-        yield key.strip().lower(), value.strip(), raw
+        yield key.strip().lower(), value, raw
 
 
 def option_bool(key: str, value: str, empty: bool | None = None) -> bool:

@@ -63,7 +63,7 @@ def _parse_options(options: pb.ModelOptions, env: dict[str, str]) -> dict[str, A
     for key, value, _raw in split_options(options.Options):
         if key in raw:
             raw[key] = value
-    engine = raw["engine"].lower()
+    engine = raw["engine"].strip().lower()
     if engine not in ENGINES:
         raise LoadError(f"Options: engine must be one of {', '.join(ENGINES)}, got {raw['engine']!r}")
     window_ms = option_float("batch_window_ms", raw["batch_window_ms"])
