@@ -290,3 +290,23 @@ def test_metadata_overrides_reach_llama_cpp() -> None:
         overridden.close()
     with pytest.raises(ModelLoadError, match="Overrides"):
         LlamaModel(ModelConfig(path=path, kv_overrides=["no-equals-sign"]))
+
+
+def test_context_shift_with_n_keep_generates_past_the_context() -> None:
+    m = LlamaModel(ModelConfig(path=default_model_path(), n_ctx=64, slots=1, threads=1))
+    s = Scheduler(m)
+    try:
+        prompt = m.tokenize(CHAT.format("Count from one to one hundred."))
+        # NKeep = 0 (default): a full context ends the sequence
+        _, outs = run(s, prompt, greedy(100, ignore_eos=True))
+        done = outs[-1].completion
+        assert done.finish_reason == "length" and done.generated_tokens < 100
+        assert s.context_shifts == 0
+        # NKeep = -1: keep the prompt, drop half of the rest, continue to the token limit
+        text, outs = run(s, prompt, greedy(100, ignore_eos=True, n_keep=-1))
+        done = outs[-1].completion
+        assert done.finish_reason == "length" and done.generated_tokens == 100
+        assert s.context_shifts >= 1 and text.strip()
+    finally:
+        s.close()
+        m.close()

@@ -133,6 +133,7 @@ class Scheduler:
         self._active: list[Request] = []
         self._free_slots = list(range(self.slots - 1, -1, -1))
         self._stop = False
+        self.context_shifts = 0
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.slots)
         self._b_token = self._batch.token
         self._b_pos = self._batch.pos
@@ -300,6 +301,31 @@ class Scheduler:
             token = sample(req.sampler, self.ctx, req.batch_idx)
             self._on_token(req, token)
 
+    def _shift_context(self, req: Request) -> bool:
+        """Make room when a sequence fills its context (llama.cpp's context shift).
+
+        Only with ``n_keep != 0`` (PredictOptions.NKeep; -1 keeps the whole prompt):
+        the first ``n_keep`` tokens stay, half of the rest is dropped from the KV cache and
+        the tail is moved back, so generation continues past the context size. With the
+        default ``n_keep == 0`` a full context ends the sequence with "length".
+        Returns False when no shift is possible (model cannot shift, nothing to drop).
+        """
+        n_keep = req.params.n_keep
+        if n_keep == 0:
+            return False
+        if n_keep < 0 or n_keep > len(req.prompt):
+            n_keep = len(req.prompt)
+        n_discard = (req.n_past - n_keep) // 2
+        mem = self.model.memory
+        if n_discard < 1 or not llama_cpp.llama_memory_can_shift(mem):
+            return False
+        seq = req.slot
+        llama_cpp.llama_memory_seq_rm(mem, seq, n_keep, n_keep + n_discard)
+        llama_cpp.llama_memory_seq_add(mem, seq, n_keep + n_discard, req.n_past, -n_discard)
+        req.n_past -= n_discard
+        self.context_shifts += 1
+        return True
+
     def _decode_failed(self, ret: int, plan: list[tuple[Request, int]]) -> None:
         if ret == 1 and len(plan) > 1:
             # No room in the shared KV cache for everyone: evict the newest sequence
@@ -329,7 +355,9 @@ class Scheduler:
         if req.detok.stopped:
             self._finish(req, "stop", text=text)
             return
-        if (params.max_tokens and req.n_gen >= params.max_tokens) or req.n_past + 1 >= self.n_ctx:
+        if (params.max_tokens and req.n_gen >= params.max_tokens) or (
+            req.n_past + 1 >= self.n_ctx and not self._shift_context(req)
+        ):
             self._finish(req, "length", text=text)
             return
         req.last_token = token
