@@ -14,6 +14,7 @@ can kill a backend stuck on one call. Health/Status/GetMetrics neither wait nor 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
@@ -174,7 +175,11 @@ class SyncClient:
         self._client: Client = self._run(_build(factory))
 
     def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        except concurrent.futures.CancelledError:
+            # close() from another thread stopped the loop under this call
+            raise RpcError(grpc.StatusCode.CANCELLED, "client closed while the call was in flight") from None
 
     @property
     def address(self) -> str:
