@@ -15,6 +15,7 @@ is documented in docs/llama-cpp.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -478,8 +479,21 @@ class LlamaCppBackend(Backend):
             raise InvalidArgument("the prompt is empty: give Prompt or Messages", "Prompt")
         return tokens, params, chat
 
-    def _submit(self, request: pb.PredictOptions, ctx: CallContext, rpc: str,
-                emit: Any) -> tuple[Any, list[int], _Chat | None]:
+    def _submit(
+        self, request: pb.PredictOptions, ctx: CallContext, rpc: str
+    ) -> tuple[list[int], _Chat | None, AsyncIterator[StepOutput]]:
+        """Queue one generation; return its prompt tokens, chat state and its outputs.
+
+        The outputs iterator ends after the completed output (raising for an error
+        completion) and aborts the request in the scheduler if it is closed early, so
+        callers must close it deterministically (``contextlib.aclosing``).
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+
+        def emit(out: StepOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
         tokens, params, chat = self._prepare(request, rpc)
         _, scheduler = self._require(rpc)
         try:
@@ -494,28 +508,32 @@ class LlamaCppBackend(Backend):
             raise FailedPrecondition(str(exc)) from None
         if request.CorrelationId:
             log.debug("request %d correlation id %s", req.id, request.CorrelationId)
-        return req, tokens, chat
+
+        async def outputs() -> AsyncIterator[StepOutput]:
+            finished = False
+            try:
+                while True:
+                    out = await queue.get()
+                    if out.completion is not None:
+                        finished = True
+                        _raise_for(out.completion)
+                        yield out
+                        return
+                    yield out
+            finally:
+                if not finished:
+                    scheduler.abort(req)
+
+        return tokens, chat, outputs()
 
     # ---- Predict / PredictStream --------------------------------------------------------------
     async def predict_stream(self, request: pb.PredictOptions, ctx: CallContext) -> AsyncIterator[pb.Reply]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-
-        def emit(out: StepOutput) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, out)
-
-        req, tokens, chat = self._submit(request, ctx, "PredictStream", emit)
-        scheduler = self.scheduler
+        tokens, chat, outputs = self._submit(request, ctx, "PredictStream")
         n_gen = 0
-        finished = False
-        try:
-            while True:
-                out = await queue.get()
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
                 n_gen += len(out.token_ids)
                 done = out.completion
-                if done is not None:
-                    finished = True
-                    _raise_for(done)
                 reply = pb.Reply(message=out.text.encode("utf-8"), tokens=n_gen, prompt_tokens=len(tokens))
                 if out.logprobs:
                     reply.logprobs = json.dumps({"content": out.logprobs}).encode("utf-8")
@@ -531,39 +549,19 @@ class LlamaCppBackend(Backend):
                     reply.tokens = done.generated_tokens
                     reply.timing_prompt_processing = done.prompt_seconds * 1000.0
                     reply.timing_token_generation = done.generation_seconds * 1000.0
-                    yield reply
-                    return
                 yield reply
-        finally:
-            if not finished and scheduler is not None:
-                scheduler.abort(req)
 
     async def predict(self, request: pb.PredictOptions, ctx: CallContext) -> pb.Reply:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-
-        def emit(out: StepOutput) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, out)
-
-        req, tokens, chat = self._submit(request, ctx, "Predict", emit)
-        scheduler = self.scheduler
+        tokens, chat, outputs = self._submit(request, ctx, "Predict")
         parts: list[str] = []
         logprobs: list[dict[str, Any]] = []
-        finished = False
-        try:
-            while True:
-                out = await queue.get()
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
                 parts.append(out.text)
                 if out.logprobs:
                     logprobs.extend(out.logprobs)
                 if out.completion is not None:
-                    finished = True
                     done = out.completion
-                    _raise_for(done)
-                    break
-        finally:
-            if not finished and scheduler is not None:
-                scheduler.abort(req)
         text = "".join(parts)
         reply = pb.Reply(
             message=text.encode("utf-8"),
