@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inferd.proto import backend_pb2 as pb  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
+from tests.helpers import free_port, inferd_env, start_listening  # noqa: E402
 
 TOPICS = ["cats", "the stock market", "jazz guitar", "black holes", "Italian cooking", "football",
           "the weather in spring", "high-speed trains", "databases", "gardening", "chess openings",
@@ -94,15 +94,9 @@ def bench_engines(seconds: float, rounds: int, threads: int) -> None:
 # ---- part 2: batching through the server --------------------------------------------------
 def start_server(options: list[str], threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "INFERD_WATCH_PARENT": "false",
-           "INFERD_LOG_LEVEL": "warning"}
     cmd = [sys.executable, "-m", "inferd.cli", "serve", "--backend", "sentence-embeddings",
            "--host", "127.0.0.1", "--port", str(port), "--model-options", json.dumps({"Options": options, "Threads": threads})]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stdout is not None
-    if "listening on" not in proc.stdout.readline():
-        raise RuntimeError(f"server with {options} failed to start")
-    return proc, f"127.0.0.1:{port}"
+    return start_listening(cmd, inferd_env(INFERD_LOG_LEVEL="warning")), f"127.0.0.1:{port}"
 
 
 async def drive(address: str, in_flight: int, seconds: float) -> tuple[float, float, float]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 from inferd.proto import backend_pb2 as pb  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
+from tests.helpers import free_port, inferd_env, start_listening  # noqa: E402
 
 BARE_SERVER = textwrap.dedent(
     """
@@ -53,17 +53,12 @@ BARE_SERVER = textwrap.dedent(
 
 def start(kind: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "INFERD_WATCH_PARENT": "false", "INFERD_LOG_LEVEL": "warning"}
     if kind == "bare":
         cmd = [sys.executable, "-c", BARE_SERVER, str(port)]
     else:
         cmd = [sys.executable, "-m", "inferd.cli", "serve", "--backend", "tests.fixtures_backend:EchoBackend",
                "--model", "test-model", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stdout is not None
-    if "listening on" not in proc.stdout.readline():
-        raise RuntimeError(f"{kind} server failed to start")
-    return proc, f"127.0.0.1:{port}"
+    return start_listening(cmd, inferd_env(INFERD_LOG_LEVEL="warning")), f"127.0.0.1:{port}"
 
 
 async def drive(address: str, in_flight: int, seconds: float) -> tuple[float, float, float]:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -45,6 +46,40 @@ async def running_server(backend: Backend, **overrides: Any) -> AsyncIterator[In
         await server.stop(0)
 
 
+def start_listening(cmd: list[str], env: dict[str, str], timeout: float = 60.0) -> subprocess.Popen:
+    """Start a server process and return once it printed its "listening on" line.
+
+    stdout is read line by line until that line. stderr goes to an unlinked temporary file,
+    not a pipe: a chatty server (llama.cpp logs to stderr) would block on a full pipe that
+    nobody drains; the file is read back when the server fails to start. The process is
+    killed if it exits or stays silent past ``timeout``.
+    """
+    errors = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, env=env, text=True)
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    try:
+        while True:
+            line = proc.stdout.readline()
+            if "listening on" in line:
+                return proc
+            if not line and proc.poll() is not None:
+                errors.seek(0)
+                raise RuntimeError(f"server exited {proc.returncode}: {errors.read()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start")
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        raise
+
+
+def inferd_env(**extra: str) -> dict[str, str]:
+    """Environment for an ``inferd serve`` child of the tests/benches (no parent watch)."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "INFERD_WATCH_PARENT": "false", **extra}
+
+
 @contextlib.contextmanager
 def spawned_server(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, str]]:
     """Run ``inferd serve ARGS`` as a subprocess on a free port; yield (process, address).
@@ -52,25 +87,12 @@ def spawned_server(*args: str, env: dict[str, str] | None = None, timeout: float
     Waits for the "listening on" line, so the port is bound when this yields.
     """
     port = free_port()
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "INFERD_WATCH_PARENT": "false", **(env or {})}
-    proc = subprocess.Popen(
+    proc = start_listening(
         [sys.executable, "-m", "inferd.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=full_env,
-        text=True,
+        inferd_env(**(env or {})),
+        timeout,
     )
     try:
-        deadline = time.monotonic() + timeout
-        assert proc.stdout is not None
-        while True:
-            line = proc.stdout.readline()
-            if "listening on" in line:
-                break
-            if not line and proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not start")
         yield proc, f"127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
