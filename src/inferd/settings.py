@@ -169,8 +169,9 @@ def _split_addr(addr: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+# The boolean spellings every inferd setting and option accepts (shared with backends.options).
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
 def _convert(name: str, source: str, raw: Any, kind: type) -> Any:
@@ -179,9 +180,9 @@ def _convert(name: str, source: str, raw: Any, kind: type) -> Any:
     text = raw.strip()
     try:
         if kind is bool:
-            if text.lower() in _TRUE:
+            if text.lower() in TRUE_WORDS:
                 return True
-            if text.lower() in _FALSE:
+            if text.lower() in FALSE_WORDS:
                 return False
             raise ValueError
         if kind is int:

@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from inferd.errors import LoadError
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+from inferd.settings import FALSE_WORDS, TRUE_WORDS
 
 
 def split_options(items: Iterable[str]) -> Iterator[tuple[str, str, str]]:
@@ -34,9 +32,9 @@ def option_bool(key: str, value: str, empty: bool | None = None) -> bool:
     v = value.strip().lower()
     if v == "" and empty is not None:
         return empty
-    if v in _TRUE:
+    if v in TRUE_WORDS:
         return True
-    if v in _FALSE:
+    if v in FALSE_WORDS:
         return False
     raise LoadError(f"Options: {key} expects true/false, got {value!r}")
 

@@ -32,6 +32,7 @@ import grpc
 
 from inferd.client import ChannelOptions, Client, RpcError, SyncClient, new_client, new_sync_client
 from inferd.proto import backend_pb2 as pb
+from inferd.settings import TRUE_WORDS
 from inferd.supervisor.config import ModelSpec, SupervisorConfig, default_run_dir
 from inferd.supervisor.process import BackendProcess, SpawnError
 from inferd.supervisor.watchdog import Watchdog
@@ -39,7 +40,6 @@ from inferd.supervisor.watchdog import Watchdog
 log = logging.getLogger("inferd.supervisor")
 
 STOPPED, STARTING, READY, FAILED = "stopped", "starting", "ready", "failed"
-_TRUE = {"1", "true", "yes", "on"}
 # Children serve plaintext on loopback; a TLS setting inherited from our environment
 # would make them unreachable by the manager's own clients.
 _CHILD_ENV_DROP = ("GRPC_USE_TLS", "GRPC_CLIENT_CA_FILE", "INFERD_ADDR", "GRPC_PORT", "INFERD_HOST")
@@ -245,7 +245,7 @@ class ModelManager:
     def _channel_options(self, spec: ModelSpec) -> ChannelOptions:
         env = {**os.environ, **spec.env}
         key = env.get("LOCALAI_GRPC_AUTH_TOKEN", "")
-        if not key and env.get("GRPC_REQUIRE_API_KEY", "").strip().lower() in _TRUE:
+        if not key and env.get("GRPC_REQUIRE_API_KEY", "").strip().lower() in TRUE_WORDS:
             key = env.get("GRPC_API_KEY", "")
         return ChannelOptions(api_key=key)
 
