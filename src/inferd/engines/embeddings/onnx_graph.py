@@ -137,6 +137,13 @@ def build_bert_graph(spec: ModelSpec):  # -> onnx.ModelProto
     init("c_inv_sqrt2", np.array(1.0 / math.sqrt(2.0), dtype=f32))
     init("c_axes_12", np.array([1, 2], dtype=np.int64))
 
+    def layer_norm(inp: str, prefix: str, out: str, stem: str | None = None) -> str:
+        """BERT's LayerNorm over the last axis; weights ``prefix.weight``/``prefix.bias``."""
+        stem = stem or out
+        gamma = init(f"{stem}_g", w[f"{prefix}.weight"])
+        beta = init(f"{stem}_b", w[f"{prefix}.bias"])
+        return node("LayerNormalization", [inp, gamma, beta], out, axis=-1, epsilon=eps)
+
     # ---- embeddings ----------------------------------------------------------------
     word = node("Gather", [init("word_emb", w["embeddings.word_embeddings.weight"]), "input_ids"], "e_word")
     # positions 0..seq-1 as a Slice of the table with 1-D bounds (a Range + Gather with
@@ -148,13 +155,7 @@ def build_bert_graph(spec: ModelSpec):  # -> onnx.ModelProto
         "Gather", [init("type_emb", w["embeddings.token_type_embeddings.weight"]), "token_type_ids"], "e_type"
     )
     x = node("Add", [node("Add", [word, typ], "e_sum1"), pos], "e_sum2")
-    x = node(
-        "LayerNormalization",
-        [x, init("e_ln_g", w["embeddings.LayerNorm.weight"]), init("e_ln_b", w["embeddings.LayerNorm.bias"])],
-        "e_out",
-        axis=-1,
-        epsilon=eps,
-    )
+    x = layer_norm(x, "embeddings.LayerNorm", "e_out", stem="e_ln")
 
     # additive mask [batch, 1, 1, seq]: 0 for tokens, -10000 for padding
     maskf = node("Cast", ["attention_mask"], "m_f", to=TensorProto.FLOAT)
@@ -182,34 +183,14 @@ def build_bert_graph(spec: ModelSpec):  # -> onnx.ModelProto
         ctx = node("Transpose", [ctx], f"{L}_ctx_t", perm=[0, 2, 1, 3])
         ctx = node("Reshape", [ctx, "c_hidden_shape"], f"{L}_ctx_r")
         attn = linear(ctx, f"{p}.attention.output.dense", f"{L}_ao")
-        x = node(
-            "LayerNormalization",
-            [
-                node("Add", [attn, x], f"{L}_res1"),
-                init(f"{L}_ln1_g", w[f"{p}.attention.output.LayerNorm.weight"]),
-                init(f"{L}_ln1_b", w[f"{p}.attention.output.LayerNorm.bias"]),
-            ],
-            f"{L}_ln1",
-            axis=-1,
-            epsilon=eps,
-        )
+        x = layer_norm(node("Add", [attn, x], f"{L}_res1"), f"{p}.attention.output.LayerNorm", f"{L}_ln1")
         h = linear(x, f"{p}.intermediate.dense", f"{L}_ff1")
         # exact (erf) GELU, as BERT's "gelu"; ORT fuses this pattern into one kernel
         erf = node("Erf", [node("Mul", [h, "c_inv_sqrt2"], f"{L}_g_div")], f"{L}_g_erf")
         gate = node("Mul", [node("Add", [erf, "c_one"], f"{L}_g_add"), "c_half"], f"{L}_g_half")
         h = node("Mul", [h, gate], f"{L}_gelu")
         h = linear(h, f"{p}.output.dense", f"{L}_ff2")
-        x = node(
-            "LayerNormalization",
-            [
-                node("Add", [h, x], f"{L}_res2"),
-                init(f"{L}_ln2_g", w[f"{p}.output.LayerNorm.weight"]),
-                init(f"{L}_ln2_b", w[f"{p}.output.LayerNorm.bias"]),
-            ],
-            f"{L}_ln2",
-            axis=-1,
-            epsilon=eps,
-        )
+        x = layer_norm(node("Add", [h, x], f"{L}_res2"), f"{p}.output.LayerNorm", f"{L}_ln2")
     nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
 
     ids_type = helper.make_tensor_value_info
