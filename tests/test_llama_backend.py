@@ -368,3 +368,18 @@ async def test_free_during_a_stream_ends_it_cleanly() -> None:
             await client.predict(pb.PredictOptions(Prompt="hi", Tokens=2))
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
         await client.close()
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({}, "Embeddings"),
+    ({"EmbeddingTokens": [1, -3]}, "EmbeddingTokens"),
+    ({"EmbeddingTokens": [10_000_000]}, "EmbeddingTokens"),
+])
+async def test_bad_embedding_inputs_are_invalid_argument(smol, fields, field) -> None:
+    async with running_server(smol) as server:
+        client = await _client(server)
+        with pytest.raises(RpcError) as info:
+            await client.embedding(pb.PredictOptions(**fields))
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in info.value.details
+        await client.close()
