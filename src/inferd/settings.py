@@ -71,6 +71,10 @@ class Settings:
                               "exit when the parent process dies (LocalAI's parent-death watch)")
     store_path: str = _opt("", "INFERD_STORE_PATH", "--store-path",
                            "local-store: directory for a durable store (empty: memory only)")
+    models_dir: str = _opt("", "INFERD_MODELS_DIR", "--models-dir",
+                           "when set, model, LoRA, dataset, job and store paths must stay inside it")
+    audio_dir: str = _opt("", "INFERD_AUDIO_DIR", "--audio-dir",
+                          "when set, TTS output and transcription input paths must stay inside it")
     log_level: str = _opt("info", "INFERD_LOG_LEVEL", "--log-level", "debug, info, warning, error")
 
     # ---- derived -----------------------------------------------------------------
