@@ -13,6 +13,7 @@ root that points outside it is caught, and a root that is itself a symlink still
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from inferd.errors import InvalidArgument
@@ -47,3 +48,57 @@ def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> boo
     real_root = Path(os.path.realpath(os.fspath(root)))
     resolved = Path(os.path.realpath(os.fspath(path)))
     return resolved == real_root or real_root in resolved.parents
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where LoadModel's fields point: the first candidate that exists, and everything tried.
+
+    ``path`` is None when nothing named exists (or nothing was named: ``requested`` is then
+    False and the caller uses its packaged default). ``tried`` lists each candidate with why
+    it did not match, so a "not found" error can say what to fix.
+    """
+
+    path: Path | None
+    tried: tuple[str, ...] = ()
+    requested: bool = True
+
+    def reason(self) -> str:
+        return "; ".join(self.tried) or "no model was named"
+
+
+def resolve_model_location(model: str = "", model_file: str = "", model_path: str = "",
+                           models_dir: str | os.PathLike[str] | None = None) -> ModelLocation:
+    """THE model-location rule for every backend (LocalAI's three ways of naming a model).
+
+    Precedence, first existing candidate wins:
+
+    1. ``ModelFile`` (LocalAI sends the full path here);
+    2. ``ModelPath``/``Model`` when ``Model`` is relative (LocalAI: ModelPath is its models
+       directory and Model the file name inside it);
+    3. ``Model`` as a path of its own (relative to ``INFERD_MODELS_DIR`` when that is set,
+       else to the working directory).
+
+    With ``models_dir`` (``INFERD_MODELS_DIR``) set, EVERY candidate goes through
+    ``confine``: one that resolves outside the root (``..``, an absolute path elsewhere, a
+    symlink out) raises ``InvalidArgument`` naming the field, even if a later candidate
+    would have matched, so an escape attempt is never silently replaced by another file.
+    Candidates that exist can be files or directories; callers decide what they need.
+    Nothing here falls back to a packaged model: that is each backend's own default.
+    """
+    if not model and not model_file:
+        return ModelLocation(None, (), requested=False)
+    tried: list[str] = []
+    candidates: list[tuple[str, str]] = []
+    if model_file:
+        candidates.append(("ModelFile", model_file))
+    if model and model_path and not os.path.isabs(model):
+        candidates.append(("ModelPath/Model", os.path.join(model_path, model)))
+    if model:
+        candidates.append(("Model", model))
+    for field, raw in candidates:
+        path = confine(raw, models_dir, field)
+        if path.exists():
+            return ModelLocation(path, tuple(tried))
+        tried.append(f"{field} {str(path)!r} does not exist")
+    return ModelLocation(None, tuple(tried))

@@ -94,7 +94,8 @@ class SentenceEmbeddingsBackend(Backend):
     def load(self, options: pb.ModelOptions, ctx: CallContext) -> str:
         opts = _parse_options(options, dict(os.environ))
         try:
-            path = resolve_model_dir(options.Model, options.ModelFile, options.ModelPath)
+            models_dir = getattr(self.settings, "models_dir", None) or None
+            path = resolve_model_dir(options.Model, options.ModelFile, options.ModelPath, models_dir)
             spec = read_spec(path)
         except ModelNotFound as exc:
             raise LoadError(f"sentence-embeddings: model not found: {exc}") from None
@@ -113,8 +114,10 @@ class SentenceEmbeddingsBackend(Backend):
         self.batcher = DynamicBatcher(
             encoder.encode, max_batch=opts["max_batch"], window_s=opts["window_s"], workers=opts["workers"]
         )
+        fallback = getattr(encoder, "fallback_reason", "")
+        engine_note = f"{encoder.engine} engine" + (f", FALLBACK from ONNX: {fallback}" if fallback else "")
         return (
-            f"loaded {path} ({encoder.engine} engine, dim {encoder.dim}, {threads} threads x "
+            f"loaded {path} ({engine_note}, dim {encoder.dim}, {threads} threads x "
             f"{opts['workers']} workers, batch window {opts['window_s'] * 1000:g} ms, max batch {opts['max_batch']})"
         )
 

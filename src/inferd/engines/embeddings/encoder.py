@@ -5,8 +5,9 @@ Two engines with the same surface (``encode``, ``tokenize``, ``dim``):
 * ``OnnxEncoder`` (the default): ``tokenizers`` + onnxruntime + numpy pooling. No torch
   at serve time. The graph is built from the safetensors weights by ``onnx_graph``.
 * ``TorchEncoder``: sentence-transformers itself. Used only when asked for
-  (``engine:torch``) or when the ONNX builder does not know the architecture; it needs
-  torch, which is not in the ``embeddings`` extra.
+  (``engine:torch``) or, with ``engine:auto``, when the ONNX builder does not know the
+  architecture (logged as a WARNING and named in the LoadModel message; any other ONNX
+  failure fails the load); it needs torch, which is not in the ``embeddings`` extra.
 
 Why ONNX is the default: on the project's 2-core machine it gave the same vectors
 (cosine >= 0.99999 on our test set) and was faster at every batch size we measured
@@ -99,10 +100,10 @@ class OnnxEncoder:
     def __init__(self, spec: ModelSpec, threads: int = 0) -> None:
         import onnxruntime as ort
 
-        from inferd.engines.embeddings.onnx_graph import ensure_graph
+        from inferd.engines.embeddings.onnx_graph import UnsupportedArchitecture, ensure_graph
 
         if spec.pooling.mode not in POOLING_MODES:
-            raise ValueError(f"pooling mode {spec.pooling.mode!r} is not supported (have {POOLING_MODES})")
+            raise UnsupportedArchitecture(f"pooling mode {spec.pooling.mode!r} is not supported (have {POOLING_MODES})")
         self.spec = spec
         graph: str | bytes
         try:
@@ -151,6 +152,8 @@ class TorchEncoder:
     """sentence-transformers on torch (CPU): the reference the ONNX engine is checked against."""
 
     engine = "torch"
+    #: Why ``auto`` chose torch instead of ONNX (empty when torch was asked for).
+    fallback_reason = ""
 
     def __init__(self, spec: ModelSpec, threads: int = 0) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory never needs the hub
@@ -190,24 +193,33 @@ class TorchEncoder:
 
 
 def create_encoder(spec: ModelSpec, engine: str = "auto", threads: int = 0) -> Encoder:
-    """Build the requested engine; ``auto`` prefers ONNX and falls back to torch.
+    """Build the requested engine; ``auto`` is ONNX, with torch ONLY for unknown architectures.
 
-    The fallback exists for architectures the ONNX builder does not write; if torch is
-    not installed either, the error names both reasons.
+    The fallback is deliberately narrow: it happens only when the ONNX graph builder says it
+    cannot write this architecture (``UnsupportedArchitecture``), is logged as a WARNING and
+    recorded in ``fallback_reason`` (the LoadModel message repeats it). Any other ONNX failure
+    (corrupt weights, onnxruntime refusing the graph, a missing tokenizer) fails the load with
+    its reason instead of silently switching to a slower engine with different numerics.
+    If torch is not installed either, the error names both reasons.
     """
+    from inferd.engines.embeddings.onnx_graph import UnsupportedArchitecture
+
     if engine not in ("auto", "onnx", "torch"):
         raise ValueError(f"unknown engine {engine!r} (auto, onnx or torch)")
     if engine == "torch":
         return TorchEncoder(spec, threads)
     try:
         return OnnxEncoder(spec, threads)
-    except Exception as exc:
+    except UnsupportedArchitecture as exc:
         if engine == "onnx":
             raise
-        log.warning("ONNX engine unavailable for %s (%s); trying sentence-transformers", spec.path, exc)
+        log.warning("ONNX engine cannot build %s (%s); FALLING BACK to sentence-transformers on torch",
+                    spec.path, exc)
         try:
-            return TorchEncoder(spec, threads)
+            encoder = TorchEncoder(spec, threads)
         except ImportError as torch_exc:
             raise RuntimeError(
                 f"ONNX engine: {exc}; torch engine: {torch_exc} (pip install torch==2.13.0 sentence-transformers)"
             ) from exc
+        encoder.fallback_reason = f"ONNX builder: {exc}"
+        return encoder

