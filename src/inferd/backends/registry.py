@@ -18,6 +18,9 @@ BACKENDS: dict[str, str] = {
     "llama-cpp": "inferd.backends.llama_cpp:LlamaCppBackend",
     "sentence-embeddings": "inferd.backends.sentence_embeddings:SentenceEmbeddingsBackend",
     "local-store": "inferd.backends.local_store:LocalStoreBackend",
+    "silero-vad": "inferd.backends.silero_vad:SileroVadBackend",
+    "piper": "inferd.backends.piper:PiperBackend",
+    "whisper": "inferd.backends.whisper:WhisperBackend",
 }
 
 

@@ -1,0 +1,186 @@
+"""Silero VAD on onnxruntime (no torch): float32 16 kHz mono -> speech segments in seconds.
+
+The model is stateful: it reads 512-sample windows (32 ms) plus the previous window's
+last 64 samples, and carries a (2, 1, 128) recurrent state. ``SileroVad.segments`` walks
+the input window by window and feeds each speech probability to ``Segmenter``, an online
+version of silero's ``get_speech_timestamps`` (threshold with hysteresis, minimum
+speech/silence durations, padding, a maximum segment length) that keeps only the current
+segment and the one before it. Memory stays constant however long the input is: no
+probability history and no tensor list are held, and cancellation is checked between
+blocks of windows.
+
+The sessions' state is per call, so one ``SileroVad`` serves concurrent calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inferd.errors import Cancelled, InvalidArgument, LoadError
+
+SAMPLE_RATE = 16000
+WINDOW = 512
+CONTEXT = 64
+_CHECK_EVERY = 64  # windows (~2 s of audio) between cancellation checks
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    """Tuning, in silero's units; the defaults are LocalAI's silero-vad backend's."""
+
+    threshold: float = 0.5
+    neg_threshold: float | None = None  # default: threshold - 0.15 (silero)
+    min_speech_ms: float = 250.0
+    min_silence_ms: float = 100.0
+    speech_pad_ms: float = 30.0
+    max_speech_s: float = math.inf
+
+    def validate(self) -> VadConfig:
+        if not 0.0 < self.threshold < 1.0:
+            raise LoadError(f"Options: threshold must be within (0, 1), got {self.threshold}")
+        if self.neg_threshold is not None and not 0.0 < self.neg_threshold <= self.threshold:
+            raise LoadError(f"Options: neg_threshold must be within (0, threshold], got {self.neg_threshold}")
+        for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 60_000:
+                raise LoadError(f"Options: {name} must be within 0..60000 ms, got {value}")
+        if not self.max_speech_s > 0:
+            raise LoadError(f"Options: max_speech_s must be > 0, got {self.max_speech_s}")
+        return self
+
+
+class Segmenter:
+    """Turns per-window speech probabilities into (start, end) sample ranges, online.
+
+    ``push(prob)`` per window, ``finish(total_samples)`` at the end; both return the
+    segments that became final. A closed segment is held back until the next one starts
+    (or the input ends) because its end padding depends on the gap to the next one.
+    """
+
+    def __init__(self, cfg: VadConfig, rate: int = SAMPLE_RATE, window: int = WINDOW) -> None:
+        self.cfg = cfg
+        self.window = window
+        self.threshold = cfg.threshold
+        self.neg_threshold = cfg.neg_threshold if cfg.neg_threshold is not None else max(cfg.threshold - 0.15, 0.01)
+        self.min_speech = rate * cfg.min_speech_ms / 1000
+        self.min_silence = rate * cfg.min_silence_ms / 1000
+        self.pad = int(rate * cfg.speech_pad_ms / 1000)
+        self.max_speech = rate * cfg.max_speech_s - window - 2 * self.pad
+        self.index = 0
+        self.start: int | None = None  # start of the segment in progress
+        self.temp_end = 0  # where a possible end (silence) began
+        self.pending: tuple[int, int] | None = None  # closed, not yet padded on the right
+        self.prev_end = 0  # padded end of the last emitted segment
+
+    def push(self, prob: float) -> list[tuple[int, int]]:
+        cur = self.window * self.index
+        self.index += 1
+        out: list[tuple[int, int]] = []
+        if prob >= self.threshold:
+            self.temp_end = 0
+            if self.start is None:
+                self.start = cur
+                return out
+        if self.start is None:
+            return out
+        if cur - self.start > self.max_speech:
+            end = self.temp_end or cur
+            out += self._close(self.start, end)
+            self.start = cur if prob >= self.threshold else None
+            self.temp_end = 0
+            return out
+        if prob < self.neg_threshold:
+            if not self.temp_end:
+                self.temp_end = cur
+            if cur - self.temp_end >= self.min_silence:
+                out += self._close(self.start, self.temp_end)
+                self.start = None
+                self.temp_end = 0
+        return out
+
+    def finish(self, total: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        if self.start is not None:
+            out += self._close(self.start, total)
+            self.start = None
+        if self.pending is not None:
+            s, e = self.pending
+            out.append((s, min(total, e + self.pad)))
+            self.pending = None
+        return out
+
+    def _close(self, start: int, end: int) -> list[tuple[int, int]]:
+        if end - start <= self.min_speech:
+            return []
+        out: list[tuple[int, int]] = []
+        left = max(0, start - self.pad)
+        if self.pending is not None:
+            ps, pe = self.pending
+            gap = start - pe
+            if gap < 2 * self.pad:  # split a short gap between the two (silero's rule)
+                pe += gap // 2
+                left = max(0, start - gap // 2)
+            else:
+                pe += self.pad
+            out.append((ps, pe))
+            left = max(left, pe)
+        self.pending = (left, end)
+        return out
+
+
+class SileroVad:
+    """A loaded Silero VAD ONNX model."""
+
+    def __init__(self, model_path: Path, threads: int = 1, config: VadConfig | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
+            raise LoadError(f"silero-vad: cannot load {model_path}: {exc}") from None
+        names = {i.name for i in self.session.get_inputs()}
+        if not {"input", "state", "sr"} <= names:
+            raise LoadError(f"silero-vad: {model_path} is not a Silero VAD v5+ model (inputs {sorted(names)})")
+        self.model_path = model_path
+        self.threads = threads
+        self.config = (config or VadConfig()).validate()
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def probabilities(self, samples: np.ndarray, cancelled: Callable[[], bool] = lambda: False) -> Iterator[float]:
+        """Speech probability of each 512-sample window (the last one zero-padded)."""
+        state = np.zeros((2, 1, 128), dtype=np.float32)
+        context = np.zeros(CONTEXT, dtype=np.float32)
+        buf = np.empty((1, CONTEXT + WINDOW), dtype=np.float32)
+        for n, start in enumerate(range(0, samples.shape[0], WINDOW)):
+            if n % _CHECK_EVERY == 0 and cancelled():
+                raise Cancelled("VAD cancelled")
+            chunk = samples[start:start + WINDOW]
+            buf[0, :CONTEXT] = context
+            buf[0, CONTEXT:CONTEXT + chunk.shape[0]] = chunk
+            if chunk.shape[0] < WINDOW:
+                buf[0, CONTEXT + chunk.shape[0]:] = 0.0
+            out, state = self.session.run(None, {"input": buf, "state": state, "sr": self._sr})
+            context = buf[0, -CONTEXT:].copy()
+            yield float(out.reshape(-1)[0])
+
+    def segments(self, samples: np.ndarray, cancelled: Callable[[], bool] = lambda: False,
+                 config: VadConfig | None = None) -> list[tuple[float, float]]:
+        """Speech segments of ``samples`` (float32, 16 kHz mono) as (start, end) in seconds."""
+        if samples.ndim != 1:
+            raise InvalidArgument("audio must be one channel", "audio")
+        seg = Segmenter(config or self.config)
+        ranges: list[tuple[int, int]] = []
+        for prob in self.probabilities(samples, cancelled):
+            ranges += seg.push(prob)
+        ranges += seg.finish(samples.shape[0])
+        return [(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in ranges]
