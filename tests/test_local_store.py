@@ -16,8 +16,8 @@ import pytest
 
 from inferd.backends.local_store import LocalStoreBackend, parse_options, store_dirname, store_name
 from inferd.client import RpcError, new_client
-from inferd.engines.store import StoreConfig, StoreInputError, VectorStore
-from inferd.errors import LoadError
+from inferd.engines.store import StoreConfig, VectorStore
+from inferd.errors import InvalidArgument, LoadError
 from inferd.proto import backend_pb2 as pb
 from tests import helpers
 from tests.helpers import running_server
@@ -84,20 +84,20 @@ def test_engine_find_non_normalized_keys_uses_cosine() -> None:
 def test_engine_dimension_rules() -> None:
     s = VectorStore()
     s.set([[1, 0, 0]], [b"3d"])
-    with pytest.raises(StoreInputError) as e:
+    with pytest.raises(InvalidArgument) as e:
         s.set([[1, 0]], [b"2d"])
     assert e.value.field == "Keys"
-    with pytest.raises(StoreInputError):
+    with pytest.raises(InvalidArgument):
         s.set([[1, 0, 0], [1, 0]], [b"a", b"b"])  # mixed dimensions within a batch
-    with pytest.raises(StoreInputError):
+    with pytest.raises(InvalidArgument):
         s.find([1, 0], 1)
-    with pytest.raises(StoreInputError):
+    with pytest.raises(InvalidArgument):
         s.get([[1, 0]])
-    with pytest.raises(StoreInputError):
+    with pytest.raises(InvalidArgument):
         s.delete([[1, 0]])
     s.set([[0, 1, 0]], [b"y"])
     s.delete([[1, 0, 0]])
-    with pytest.raises(StoreInputError):  # a partial delete keeps the dimension
+    with pytest.raises(InvalidArgument):  # a partial delete keeps the dimension
         s.set([[1, 0]], [b"2d"])
     s.delete([[0, 1, 0]])
     assert len(s) == 0
@@ -118,14 +118,14 @@ def test_engine_bad_inputs_name_the_field() -> None:
         (lambda: s.find([1, 0], -3), "TopK"),
     ]
     for call, field in cases:
-        with pytest.raises(StoreInputError) as e:
+        with pytest.raises(InvalidArgument) as e:
             call()
         assert e.value.field == field, (field, e.value)
     assert len(s) == 0  # nothing was half-applied
     assert s.find([1, 0], 5).values == []  # empty store: empty result, no error
     s.set([[1, 0]], [b"a"])
     for q, field in (([0, 0], "Key"), ([float("nan"), 0], "Key")):
-        with pytest.raises(StoreInputError) as e:
+        with pytest.raises(InvalidArgument) as e:
             s.find(q, 1)
         assert e.value.field == field
 
@@ -228,7 +228,7 @@ def test_store_directory_is_locked(tmp_path: Path) -> None:
 
 # ---- ANN ---------------------------------------------------------------------------------
 def ann_config(**kw: object) -> StoreConfig:
-    base = dict(ann_threshold=1500, ann_background=False, ann_time_ratio=1e9)
+    base = dict(ann_threshold=1500, ann_background=False, ann_time_ratio=1e9, ann_probe_size=0, ann_build_nice=0)
     base.update(kw)
     return StoreConfig(**base)  # type: ignore[arg-type]
 

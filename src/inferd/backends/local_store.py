@@ -23,9 +23,16 @@ Free
     Closes the store. A memory-only store's data is dropped (as when LocalAI stops the
     backend process); a durable one stays on disk and is reloaded by the next LoadModel.
 
-Errors: invalid requests raise ``InvalidArgument`` naming the field (``Keys[3]``,
-``Values``, ``Key``, ``TopK``): dimension mismatch, Keys/Values length mismatch, empty
-Keys on Set/Delete, NaN/inf, zero vectors, TopK <= 0.
+Errors come from the engine as ``inferd.errors`` exceptions: ``InvalidArgument`` naming
+the field (``Keys[3]``, ``Values``, ``Key``, ``TopK``) for a dimension mismatch, Keys/Values
+length mismatch, empty Keys on Set/Delete, NaN/inf, zero vectors, TopK out of range or a
+reply too large for the message limit; ``ResourceExhausted`` when the store's disk is full
+and ``FailedPrecondition`` when its directory is read-only (the write is not applied,
+acknowledged writes stay intact).
+
+Paths: with ``INFERD_MODELS_DIR`` set, a durable store's directory must resolve inside it
+(``inferd.paths.confine``: a store path elsewhere, or a store directory that is a symlink
+out, is refused with the reason).
 """
 
 from __future__ import annotations
@@ -43,8 +50,11 @@ import numpy as np
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
 from inferd.backends.options import option_bool, option_float, option_int, split_options
-from inferd.engines.store import StoreConfig, StoreCorrupt, StoreInputError, VectorStore
-from inferd.errors import FailedPrecondition, InvalidArgument, LoadError
+from inferd.engines.store import StoreConfig, StoreCorrupt, VectorStore
+from inferd.engines.store.validation import MAX_TOP_K
+from inferd.errors import FailedPrecondition, LoadError
+from inferd.limits import MAX_THREADS, bounded_int, finite_float
+from inferd.paths import confine
 from inferd.proto import backend_pb2 as pb
 
 log = logging.getLogger("inferd.backends.local_store")
@@ -99,11 +109,28 @@ def parse_options(items: list[str] | Any) -> StoreConfig:
     cfg = replace(cfg, **changes)
     if cfg.ann not in ("hnsw", "off"):
         raise LoadError(f"local-store: option 'ann': hnsw or off, got {cfg.ann!r}")
-    if not 0.0 < cfg.ann_recall <= 1.0:
-        raise LoadError(f"local-store: option 'ann_recall': in (0, 1], got {cfg.ann_recall}")
-    if cfg.ann_threshold < 1 or cfg.compact_bytes < 0 or cfg.ann_max_topk < 1:
-        raise LoadError("local-store: ann_threshold and ann_max_topk must be >= 1, compact_bytes >= 0")
+    if cfg.scan not in ("int8", "float32"):
+        raise LoadError(f"local-store: option 'scan': int8 or float32, got {cfg.scan!r}")
+    for name, low, high in _INT_BOUNDS:
+        bounded_int(getattr(cfg, name), f"Options.{name}", low, high)
+    finite_float(cfg.ann_recall, "Options.ann_recall", 1e-6, 1.0)
+    finite_float(cfg.ann_time_ratio, "Options.ann_time_ratio", 0.0)
+    finite_float(cfg.compact_ratio, "Options.compact_ratio", 0.0)
     return cfg
+
+
+# Bounds on the integer options: absurd values (ann_m: 10**9) would exhaust memory or hang.
+_INT_BOUNDS = (
+    ("ann_threshold", 1, 2**40),
+    ("ann_max_topk", 1, MAX_TOP_K),
+    ("ann_m", 2, 128),
+    ("ann_ef_construction", 8, 4096),
+    ("ann_build_threads", 1, MAX_THREADS),
+    ("ann_build_nice", 0, 19),
+    ("ann_probe_size", 0, 1_000_000),
+    ("scan_threads", 1, MAX_THREADS),
+    ("compact_bytes", 0, 2**50),
+)
 
 
 def _keys(keys: Any) -> list[Any]:
@@ -128,6 +155,8 @@ class LocalStoreBackend(Backend):
     def __init__(self, settings: Any = None) -> None:
         super().__init__()
         self.store_path: str = getattr(settings, "store_path", "") or ""
+        self.models_dir: str = getattr(settings, "models_dir", "") or ""
+        self.max_reply_bytes: int | None = getattr(settings, "max_message_size", None)
         self.store: VectorStore | None = None
         self.namespace: str | None = None
 
@@ -148,7 +177,9 @@ class LocalStoreBackend(Backend):
         self.namespace = None
 
     def _dir(self, name: str) -> Path:
-        return Path(self.store_path) / store_dirname(name)
+        """The store's directory, confined to INFERD_MODELS_DIR when that is set."""
+        path = Path(self.store_path) / store_dirname(name)
+        return confine(path, self.models_dir or None, "Model") if self.models_dir else path
 
     def _open(self, name: str, config: StoreConfig) -> None:
         self.unload()
@@ -183,44 +214,24 @@ class LocalStoreBackend(Backend):
 
     # ---- capabilities ----------------------------------------------------------------
     def stores_set(self, request: pb.StoresSetOptions, ctx: CallContext) -> pb.Result:
-        store = self._current()
-        with _invalid():
-            store.set(_keys(request.Keys), [v.Bytes for v in request.Values])
+        self._current().set(_keys(request.Keys), [v.Bytes for v in request.Values])
         return pb.Result(success=True, message=f"{len(request.Keys)} keys set")
 
     def stores_delete(self, request: pb.StoresDeleteOptions, ctx: CallContext) -> pb.Result:
-        store = self._current()
-        with _invalid():
-            removed = store.delete(_keys(request.Keys))
+        removed = self._current().delete(_keys(request.Keys))
         return pb.Result(success=True, message=f"{removed} keys deleted")
 
     def stores_get(self, request: pb.StoresGetOptions, ctx: CallContext) -> pb.StoresGetResult:
-        store = self._current()
-        with _invalid():
-            keys, values = store.get(_keys(request.Keys))
+        keys, values = self._current().get(_keys(request.Keys))
         return pb.StoresGetResult(Keys=_wrap(keys), Values=[pb.StoresValue(Bytes=v) for v in values])
 
     def stores_find(self, request: pb.StoresFindOptions, ctx: CallContext) -> pb.StoresFindResult:
-        store = self._current()
-        with _invalid():
-            found = store.find(list(request.Key.Floats), request.TopK)
+        found = self._current().find(request.Key.Floats, request.TopK, max_reply_bytes=self.max_reply_bytes)
         return pb.StoresFindResult(
             Keys=_wrap(found.keys),
             Values=[pb.StoresValue(Bytes=v) for v in found.values],
             Similarities=found.similarities.tolist(),
         )
-
-
-class _invalid:  # noqa: N801 - used as a lowercase context manager
-    """Turn the engine's StoreInputError into InvalidArgument (the engine knows no errors module)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, StoreInputError):
-            raise InvalidArgument(exc.message, exc.field) from exc
-        return False
 
 
 __all__ = ["LocalStoreBackend", "parse_options", "store_dirname", "store_name"]

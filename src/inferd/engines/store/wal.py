@@ -25,6 +25,7 @@ and the log is truncated, so later appends do not land after garbage.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from inferd.errors import FailedPrecondition, InferdError, ResourceExhausted
 
 log = logging.getLogger("inferd.store")
 
@@ -49,6 +52,24 @@ _NAME_RE = re.compile(r"^(snapshot|wal)-(\d{8})\.(bin|log)$")
 
 class StoreCorrupt(Exception):
     """A snapshot is unreadable: refuse to open rather than serve a silently empty store."""
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_error(exc: OSError, directory: Path, what: str) -> InferdError:
+    """A clear error for a failed write to a store directory (full, read-only, or other I/O).
+
+    A full disk is ``ResourceExhausted`` (space may come back); a read-only or forbidden
+    directory and other I/O failures are ``FailedPrecondition`` (an operator must act).
+    """
+    reason = exc.strerror or str(exc)
+    if exc.errno in _FULL:
+        return ResourceExhausted(f"store directory {directory} is full ({reason}): {what}")
+    if exc.errno in _READ_ONLY:
+        return FailedPrecondition(f"store directory {directory} is not writable ({reason}): {what}")
+    return FailedPrecondition(f"store directory {directory}: I/O error ({reason}): {what}")
 
 
 @dataclass
@@ -119,8 +140,11 @@ class DurableLog:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise storage_error(exc, self.dir, "cannot open the store for writing") from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -130,6 +154,7 @@ class DurableLog:
         self._fd: int | None = None
         self.log_bytes = 0
         self.snapshot_bytes = 0
+        self.broken: str | None = None  # set when the log's state on disk is unknown
 
     # ---- opening -------------------------------------------------------------------
     def _files(self) -> dict[tuple[str, int], Path]:
@@ -222,14 +247,39 @@ class DurableLog:
 
     # ---- writing -------------------------------------------------------------------
     def append(self, record: bytes) -> None:
-        """Write one record and flush it to disk before returning (the acknowledgement)."""
+        """Write one record and flush it to disk before returning (the acknowledgement).
+
+        On failure (disk full, read-only remount, I/O error) the partial record is cut off
+        again, so the log ends with the last acknowledged write and later appends do not
+        follow garbage; the caller gets a clear error and must not apply the write. If the
+        cut fails too, the log refuses further writes until the store is reopened (replay
+        drops a torn tail anyway), so nothing is ever acknowledged on top of garbage.
+        """
         assert self._fd is not None, "open() and consume its records first"
+        if self.broken:
+            raise FailedPrecondition(self.broken)
         view = memoryview(record)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        os.fdatasync(self._fd)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._cut_back(exc)
+            raise storage_error(exc, self.dir, "the write was not applied; acknowledged writes are intact") from exc
         self.log_bytes += len(record)
+
+    def _cut_back(self, cause: OSError) -> None:
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self.log_bytes)
+            os.lseek(self._fd, self.log_bytes, os.SEEK_SET)
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.broken = (f"store directory {self.dir}: a failed write ({cause.strerror}) could not be "
+                           f"cut off the log ({exc.strerror}); writes are refused until the store is "
+                           f"reopened (LoadModel); acknowledged writes are intact")
+            log.error("%s", self.broken)
 
     def compact(self, write_snapshot: Callable[[Path], None]) -> None:
         """Start generation G+1 from a snapshot of the current state, then drop G's files.
@@ -240,12 +290,25 @@ class DurableLog:
         new = old + 1
         final = self.dir / f"snapshot-{new:08d}.bin"
         tmp = final.with_name(final.name + ".tmp")
-        write_snapshot(tmp)
-        os.replace(tmp, final)  # the commit point: from here on, open() picks G+1
-        _fsync_dir(self.dir)
+        try:
+            write_snapshot(tmp)
+            os.replace(tmp, final)  # the commit point: from here on, open() picks G+1
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise storage_error(exc, self.dir, "compaction failed; the log goes on") from exc
         self.generation = new
-        self.snapshot_bytes = final.stat().st_size
-        self._create_log(new)
+        try:
+            _fsync_dir(self.dir)
+            self.snapshot_bytes = final.stat().st_size
+            self._create_log(new)
+        except OSError as exc:
+            # The new snapshot holds every acknowledged write, but the old log stays open:
+            # appending there would be lost on reopen, so refuse writes until then.
+            self.broken = (f"store directory {self.dir}: compaction could not start a new log "
+                           f"({exc.strerror}); writes are refused until the store is reopened "
+                           f"(LoadModel); acknowledged writes are intact")
+            raise storage_error(exc, self.dir, "compaction could not start a new log") from exc
         for name in (f"snapshot-{old:08d}.bin", f"wal-{old:08d}.log", f"wal-{old:08d}.log.torn"):
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / name).unlink()
@@ -276,7 +339,8 @@ def write_snapshot(path: Path, dim: int, keys: np.ndarray, values: list[bytes]) 
             f.write(chunk)
 
         put(_SNAP_HEADER.pack(_SNAP_MAGIC, n, dim & 0xFFFFFFFF))
-        put(memoryview(np.ascontiguousarray(keys, dtype="<f4")).cast("B"))
+        if keys.size:  # an empty store has a (0, 0) key matrix, which memoryview cannot cast
+            put(memoryview(np.ascontiguousarray(keys, dtype="<f4")).cast("B"))
         put(offsets.tobytes())
         batch: list[bytes] = []
         size = 0
