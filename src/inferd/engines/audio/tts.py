@@ -101,7 +101,11 @@ class PiperTts:
         self.options = options or SynthesisOptions()
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._voice(self.default)  # load the default voice now: LoadModel fails if it is broken
+        voice = self._voice(self.default)  # load the default voice now: LoadModel fails if it is broken
+        speakers = max(1, voice.config.num_speakers)
+        if self.options.speaker_id is not None and not 0 <= self.options.speaker_id < speakers:
+            raise LoadError(f"Options: speaker_id must be within 0..{speakers - 1} for voice "
+                            f"{self.default.name!r}, got {self.options.speaker_id}")
 
     # ---- voice selection --------------------------------------------------------------
     def select(self, voice: str = "", language: str = "") -> VoiceInfo:
