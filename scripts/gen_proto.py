@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 DEFAULT_OUT = ROOT / "src" / "inferd" / "proto"
-PROTOS = ("backend.proto", "llm.proto")
+PROTOS = ("backend.proto", "llm.proto", "inference.proto")
 
 
 def generate(out_dir: Path) -> list[Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from typing import Any
 
@@ -93,11 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"inferd: invalid setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from inferd.observability.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     from inferd.server.main import run_server
 
     try:

@@ -76,11 +76,25 @@ class Settings:
     audio_dir: str = _opt("", "INFERD_AUDIO_DIR", "--audio-dir",
                           "when set, TTS output and transcription input paths must stay inside it")
     log_level: str = _opt("info", "INFERD_LOG_LEVEL", "--log-level", "debug, info, warning, error")
+    log_format: str = _opt("text", "INFERD_LOG_FORMAT", "--log-format",
+                           "text, or json: one object per line with rpc, model, correlation id, duration")
+    metrics_port: int = _opt(0, "INFERD_METRICS_PORT", "--metrics-port",
+                             "serve Prometheus /metrics on this HTTP port (0: off)")
+    services: str = _opt("all", "INFERD_SERVICES", "--services",
+                         "gRPC services to serve: all, or a comma list of backend, llm, inference")
 
     # ---- derived -----------------------------------------------------------------
     @property
     def listen_address(self) -> str:
         return self.addr or f"{self.host}:{self.port}"
+
+    @property
+    def service_set(self) -> frozenset[str]:
+        """The gRPC services to serve (``--services``)."""
+        text = self.services.strip().lower()
+        if text == "all":
+            return frozenset(SERVICES)
+        return frozenset(p.strip() for p in text.split(",") if p.strip())
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -155,6 +169,14 @@ class Settings:
                 raise SettingsError("GRPC_CLIENT_CA_FILE is set (mTLS) but GRPC_USE_TLS is false")
             if not os.path.isfile(self.client_ca_file):
                 raise SettingsError(f"GRPC_CLIENT_CA_FILE: '{self.client_ca_file}' is not a readable file")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"INFERD_LOG_FORMAT: text or json; got {self.log_format!r}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"INFERD_METRICS_PORT: must be 0-65535 (0: off), got {self.metrics_port}")
+        unknown = set(self.service_set) - set(SERVICES)
+        if unknown or not self.service_set:
+            raise SettingsError(f"INFERD_SERVICES: 'all' or a comma list of {', '.join(SERVICES)}; "
+                                f"got {self.services!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"INFERD_LOG_LEVEL: one of debug, info, warning, error; got {self.log_level!r}")
 
@@ -172,6 +194,9 @@ def _split_addr(addr: str) -> tuple[str, int]:
         raise SettingsError(f"--addr: expected HOST:PORT, got {addr!r}")
     return host or "0.0.0.0", int(port)
 
+
+# The gRPC services ``--services`` can name: backend.Backend, seed 003's LLMService, seed 002's Inference.
+SERVICES = ("backend", "llm", "inference")
 
 # The boolean spellings every inferd setting and option accepts (shared with backends.options).
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})

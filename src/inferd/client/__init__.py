@@ -3,7 +3,9 @@
 ``new_client(address)`` returns an async ``Client``: if a backend was registered for
 that address with ``provide(address, backend)`` the client calls it in-process (no
 network, same semantics and error codes); otherwise it dials the address over gRPC.
-``new_sync_client`` is the same with blocking methods.
+``new_sync_client`` is the same with blocking methods. ``client_from_config(path)``
+reads seed 002's Go client ``config.yaml`` (``use_grpc``, ``grpc_address``,
+``use_secure_connection``, ``api_key``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from typing import Any
 
 from inferd.backends.base import Backend
 from inferd.client.client import Client, SyncClient, WatchdogHooks
+from inferd.client.config import (
+    ClientConfigError,
+    client_from_config,
+    load_client_config,
+    sync_client_from_config,
+)
 from inferd.client.errors import RpcError
 from inferd.client.transport import ChannelOptions, EmbeddedTransport, GrpcTransport
 from inferd.runtime import BackendRuntime
@@ -63,11 +71,15 @@ def new_sync_client(address: str, **kwargs: Any) -> SyncClient:
 __all__ = [
     "ChannelOptions",
     "Client",
+    "ClientConfigError",
     "RpcError",
     "SyncClient",
     "WatchdogHooks",
+    "client_from_config",
+    "load_client_config",
     "new_client",
     "new_sync_client",
     "provide",
+    "sync_client_from_config",
     "unprovide",
 ]

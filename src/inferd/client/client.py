@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
@@ -168,10 +169,15 @@ class SyncClient:
     has no event loop (scripts, the CLI, Go-style callers).
     """
 
-    def __init__(self, factory: Callable[[], Client]) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="inferd-client", daemon=True)
-        self._thread.start()
+    def __init__(self, factory: Callable[[], Client], loop: asyncio.AbstractEventLoop | None = None) -> None:
+        # With ``loop`` (already running on another thread, e.g. the supervisor's) the client
+        # shares it instead of starting a thread of its own; close() then leaves it running.
+        self._owns_loop = loop is None
+        self._loop = loop or asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        if self._owns_loop:
+            self._thread = threading.Thread(target=self._loop.run_forever, name="inferd-client", daemon=True)
+            self._thread.start()
         self._client: Client = self._run(_build(factory))
 
     def _run(self, coro: Any) -> Any:
@@ -207,13 +213,23 @@ class SyncClient:
         finally:
             self._run(agen.aclose())
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the channel and stop the private loop. Never raises: a loop thread that is
+        slow to stop (a call still unwinding) is left to finish on its own as a daemon."""
         if self._loop.is_closed():
             return
-        self._run(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(timeout)
+        if not self._owns_loop:
+            return
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                return  # still stopping: closing a running loop would raise
+        with contextlib.suppress(RuntimeError):
+            self._loop.close()
 
     def __enter__(self) -> SyncClient:
         return self

@@ -1,8 +1,10 @@
 """The supervisor: owns backend processes (model manager, watchdog). See docs/supervisor.md.
 
-``ModelManager`` starts one ``inferd serve`` child per configured model on demand, reuses
-it, evicts the least recently used beyond ``max_loaded``, restarts crashed ones on the
-next request, and applies LocalAI's busy/idle watchdog timeouts.
+``AsyncModelManager`` (asyncio-native; ``ModelManager`` is its blocking facade) starts
+one ``inferd serve`` child per configured model on demand, reuses it, evicts the least
+recently used beyond ``max_loaded`` or past a memory threshold (never a pinned model),
+keeps mutually exclusive groups exclusive, restarts crashed ones on the next request,
+and applies LocalAI's busy/idle watchdog timeouts.
 
 Exports are resolved lazily: ``inferd.cli`` imports ``inferd.supervisor.cli`` for every
 command (``inferd serve`` included, i.e. every backend child), which must not pay for the
@@ -18,7 +20,8 @@ _EXPORTS = {
     "ModelSpec": "inferd.supervisor.config",
     "SupervisorConfig": "inferd.supervisor.config",
     "load_config": "inferd.supervisor.config",
-    "ModelError": "inferd.supervisor.manager",
+    "AsyncModelManager": "inferd.supervisor.async_manager",
+    "ModelError": "inferd.supervisor.async_manager",
     "ModelManager": "inferd.supervisor.manager",
     "ModelProxy": "inferd.supervisor.manager",
     "Watchdog": "inferd.supervisor.watchdog",

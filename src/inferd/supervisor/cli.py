@@ -1,6 +1,7 @@
 """Supervisor subcommands of ``inferd``: ``up``, ``ps``, ``stop``.
 
     inferd up models.yaml            run the manager in the foreground (Ctrl-C stops all)
+    inferd up models.yaml --http 127.0.0.1:8080   ... plus the OpenAI-compatible API
     inferd ps [--json]               the running manager's backends
     inferd start NAME                start a model now (if stopped), print its address
     inferd stop NAME | --all         stop one backend, or the manager and all its backends
@@ -13,12 +14,12 @@ else ``$XDG_RUNTIME_DIR/inferd``, else ``/tmp/inferd-UID``.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
-import logging
 import os
 import signal
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,13 @@ def add_supervisor_commands(sub: argparse._SubParsersAction) -> None:  # type: i
     up.add_argument("--no-track-external", action="store_true",
                     help="count only calls made through the manager as busy (default: poll Status too)")
     up.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    up.add_argument("--log-format", default="text", choices=("text", "json"),
+                    help="text lines or one JSON object per line")
+    up.add_argument("--http", default=None, metavar="HOST:PORT",
+                    help="serve the OpenAI-compatible API there (port 0 picks one); overrides 'http:' in the file")
+    up.add_argument("--api-key", default=None,
+                    help="key(s) the HTTP API requires as 'Authorization: Bearer KEY', comma-separated "
+                         "[env GRPC_API_KEY; default none]")
     up.set_defaults(handler=_up)
 
     ps = sub.add_parser("ps", help="list the backends of the running manager")
@@ -69,12 +77,10 @@ def _run_dir(args: argparse.Namespace, fallback: str = "") -> Path:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from inferd.observability.logs import configure_logging
     from inferd.supervisor.config import ConfigError, load_config, parse_duration
-    from inferd.supervisor.control import ControlError, ControlServer
-    from inferd.supervisor.manager import ModelError, ModelManager
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         cfg = load_config(args.config)
         over: dict[str, Any] = {"track_external_calls": not args.no_track_external}
@@ -84,18 +90,35 @@ def _up(args: argparse.Namespace) -> int:
             over["busy_timeout"] = parse_duration(args.busy_timeout, "--busy-timeout")
         if args.idle_timeout is not None:
             over["idle_timeout"] = parse_duration(args.idle_timeout, "--idle-timeout")
+        if args.http is not None:
+            over["http"] = args.http
         run_dir = _run_dir(args, cfg.run_dir)
         cfg = replace(cfg, run_dir=str(run_dir), **over)
         cfg.validate()
     except ConfigError as exc:
         print(f"inferd up: {exc}", file=sys.stderr)
         return 2
+    key = args.api_key if args.api_key is not None else os.environ.get("GRPC_API_KEY", "")
+    keys = tuple(k.strip() for k in key.split(",") if k.strip())
+    try:
+        return asyncio.run(_run_up(cfg, run_dir, str(Path(args.config).resolve()), args.lazy, keys))
+    except KeyboardInterrupt:
+        return 130
 
-    stop = threading.Event()
+
+async def _run_up(cfg: Any, run_dir: Path, config_path: str, lazy: bool, api_keys: tuple[str, ...]) -> int:
+    """The manager, its control endpoint and (with ``http``) the OpenAI front, in one event loop."""
+    from inferd.supervisor.control import ControlError, ControlServer
+    from inferd.supervisor.manager import AsyncModelManager, ModelError, ModelManager
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
-    manager = ModelManager(cfg)
-    control = ControlServer(manager, run_dir, str(Path(args.config).resolve()))
+        loop.add_signal_handler(sig, stop.set)
+    manager = AsyncModelManager(cfg)
+    await manager.start()
+    control = ControlServer(ModelManager.attach(manager, loop), run_dir, config_path)
+    front = None
     try:
         try:
             url = control.start()
@@ -103,22 +126,34 @@ def _up(args: argparse.Namespace) -> int:
             print(f"inferd up: {exc}", file=sys.stderr)
             return 1
         print(f"inferd up: manager pid {os.getpid()} control {url} (run dir {run_dir})", flush=True)
-        if not args.lazy:
+        if cfg.http:
+            from inferd.http.server import serve_manager
+
+            try:
+                front = await serve_manager(manager, cfg.http, api_keys)
+            except OSError as exc:
+                print(f"inferd up: {exc}", file=sys.stderr)
+                return 1
+            print(f"inferd: http on {front.host}:{front.port}", flush=True)
+        if not lazy:
             limit = cfg.max_loaded or len(cfg.models)
             for spec in cfg.models[:limit]:
                 if stop.is_set():
                     break
                 try:
-                    address = manager.ensure(spec.name)
+                    address = await manager.ensure(spec.name)
                     print(f"inferd up: {spec.name} ready at {address}", flush=True)
                 except ModelError as exc:
                     print(f"inferd up: {spec.name} failed: {exc}", file=sys.stderr, flush=True)
         while not stop.is_set() and not control.shutdown_requested.is_set():
-            stop.wait(0.2)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
         return 0
     finally:
-        control.stop()
-        manager.close()
+        if front is not None:
+            await front.stop()
+        await asyncio.to_thread(control.stop)
+        await manager.close()
 
 
 def _ps(args: argparse.Namespace) -> int:

@@ -46,6 +46,22 @@ def parse_duration(value: Any, what: str) -> float | None:
     return seconds or None
 
 
+def parse_percent(value: Any, what: str) -> float:
+    """``90``, ``"90%"``, ``0.9`` (a fraction) -> 90.0; 0/off -> 0 (disabled)."""
+    text = str(value).strip().lower().rstrip("%")
+    if text in ("", "off", "false", "none"):
+        return 0.0
+    try:
+        number = float(text)
+    except ValueError:
+        raise ConfigError(f"{what}: expected a percentage like 90 or '90%', got {value!r}") from None
+    if 0 < number < 1 and not str(value).strip().endswith("%"):
+        number *= 100  # LocalAI writes the threshold as a fraction (0.95)
+    if not 0 <= number <= 100:
+        raise ConfigError(f"{what}: must be between 0 and 100, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One model the supervisor can run: which backend, which model, how to load it.
@@ -62,6 +78,8 @@ class ModelSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     port: int = 0  # 0: the child binds a free port itself (no race); N: try N first
     parallel: bool = False  # the client serializes calls unless the backend is parallel
+    pinned: bool = False  # never evicted (LRU, memory threshold, groups); only stop/watchdog stop it
+    group: str = ""  # mutually exclusive group: starting this model stops the other members
 
     def model_options(self) -> pb.ModelOptions:
         options = pb.ModelOptions()
@@ -101,6 +119,10 @@ class SupervisorConfig:
     child_shutdown_grace: float = 3.0  # INFERD_SHUTDOWN_GRACE given to children
     bind_retries: int = 3  # other ports tried when a child cannot bind its port
     track_external_calls: bool = False  # also poll Status so calls not made through us count
+    memory_threshold: float = 0.0  # percent (0: off): past it, evict LRU backends (LocalAI's reclaimer)
+    memory_source: str = "system"  # system: used RAM of the machine; process: manager + backends RSS
+    memory_interval: float = 1.0  # seconds between memory checks
+    http: str = ""  # HOST:PORT of the OpenAI-compatible front (`inferd up --http`); empty: none
     run_dir: str = ""  # control file location; default see ``default_run_dir``
     log_dir: str = ""  # children's logs; default run_dir/logs
 
@@ -122,6 +144,16 @@ class SupervisorConfig:
             raise ConfigError(f"max_loaded: must be >= 0, got {self.max_loaded}")
         if self.watchdog_interval <= 0:
             raise ConfigError("watchdog.interval: must be > 0")
+        if not 0 <= self.memory_threshold <= 100:
+            raise ConfigError(f"memory_threshold: a percentage 0-100 (0: off), got {self.memory_threshold:g}")
+        if self.memory_source not in ("system", "process"):
+            raise ConfigError(f"memory_source: 'system' or 'process', got {self.memory_source!r}")
+        if self.memory_interval <= 0:
+            raise ConfigError("memory_interval: must be > 0")
+        if self.http:
+            host, sep, port = self.http.rpartition(":")
+            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ConfigError(f"http: expected HOST:PORT (port 0 picks a free one), got {self.http!r}")
 
 
 def default_run_dir() -> Path:
@@ -134,9 +166,10 @@ def default_run_dir() -> Path:
 
 
 _TOP_KEYS = {"models", "max_loaded", "watchdog", "health_timeout", "load_timeout", "stop_grace",
-             "child_shutdown_grace", "bind_retries", "track_external_calls", "run_dir", "log_dir"}
+             "child_shutdown_grace", "bind_retries", "track_external_calls", "run_dir", "log_dir",
+             "memory_threshold", "memory_source", "memory_interval", "http"}
 _WD_KEYS = {"busy_timeout", "idle_timeout", "interval", "force_eviction_when_busy"}
-_MODEL_KEYS = {"name", "backend", "model", "options", "env", "port", "parallel"}
+_MODEL_KEYS = {"name", "backend", "model", "options", "env", "port", "parallel", "pinned", "group"}
 
 
 def config_from_dict(data: Mapping[str, Any], base_dir: Path | None = None) -> SupervisorConfig:
@@ -167,6 +200,8 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Path | None = None) -> S
             env={str(k): str(v) for k, v in (m.get("env") or {}).items()},
             port=int(m.get("port", 0) or 0),
             parallel=bool(m.get("parallel", False)),
+            pinned=bool(m.get("pinned", False)),
+            group=str(m.get("group", "") or ""),
         ))
     kw: dict[str, Any] = {"models": tuple(specs)}
     for key in ("max_loaded", "bind_retries"):
@@ -175,7 +210,13 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Path | None = None) -> S
     for key in ("health_timeout", "load_timeout", "stop_grace", "child_shutdown_grace"):
         if key in data:
             kw[key] = parse_duration(data[key], key) or 0.0
-    for key in ("run_dir", "log_dir"):
+    if "memory_threshold" in data:
+        kw["memory_threshold"] = parse_percent(data["memory_threshold"], "memory_threshold")
+    if "memory_source" in data:
+        kw["memory_source"] = str(data["memory_source"])
+    if "memory_interval" in data:
+        kw["memory_interval"] = parse_duration(data["memory_interval"], "memory_interval") or 1.0
+    for key in ("run_dir", "log_dir", "http"):
         if data.get(key):
             kw[key] = str(data[key])
     if "track_external_calls" in data:

@@ -13,6 +13,7 @@ to drain); the port is read from the server's one machine-readable line
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -102,27 +103,41 @@ class BackendProcess:
             )
         self.started_at = time.monotonic()
 
+    def poll_listening(self) -> int | None:
+        """The bound port once the child printed it; None while it starts; SpawnError if it exited."""
+        m = LISTENING.search(self._read_log())
+        if m:
+            self.port = int(m.group(2))
+            return self.port
+        code = self.returncode()
+        if code is not None:
+            out = self._read_log()
+            raise SpawnError(
+                f"backend {self.name!r} exited with status {code} before listening",
+                self.log_tail(),
+                bind_failure=bool(BIND_FAILURE.search(out)),
+            )
+        return None
+
     def wait_listening(self, timeout: float) -> int:
         """Block until the child printed its bound port; return it."""
         deadline = time.monotonic() + timeout
-        while True:
-            out = self._read_log()
-            m = LISTENING.search(out)
-            if m:
-                self.port = int(m.group(2))
-                return self.port
-            code = self.returncode()
-            if code is not None:
-                out = self._read_log()
-                raise SpawnError(
-                    f"backend {self.name!r} exited with status {code} before listening",
-                    self.log_tail(),
-                    bind_failure=bool(BIND_FAILURE.search(out)),
-                )
+        while (port := self.poll_listening()) is None:
             if time.monotonic() > deadline:
                 raise SpawnError(f"backend {self.name!r} did not report its port within {timeout:.0f}s",
                                  self.log_tail())
             time.sleep(0.02)
+        return port
+
+    async def wait_listening_async(self, timeout: float) -> int:
+        """``wait_listening`` for an event loop: polls the log without blocking the loop."""
+        deadline = time.monotonic() + timeout
+        while (port := self.poll_listening()) is None:
+            if time.monotonic() > deadline:
+                raise SpawnError(f"backend {self.name!r} did not report its port within {timeout:.0f}s",
+                                 self.log_tail())
+            await asyncio.sleep(0.02)
+        return port
 
     def _read_log(self) -> bytes:
         try:

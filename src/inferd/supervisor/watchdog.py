@@ -12,6 +12,9 @@ Both are off unless set, as in LocalAI (``WithBusyCheck``/``WithIdleCheck`` defa
 false). The watchdog decides; the manager acts (``on_busy``/``on_idle`` callbacks),
 and every action is logged with the model name and the reason.
 
+The asyncio manager does not start the thread: it runs ``check`` from its own loop
+task after gathering the Status probes in parallel (``observe_status``).
+
 Calls that do not go through our clients (``inferd up`` hands out addresses) are
 invisible to marks; with ``track_status`` the watchdog also polls each backend's
 ``Status`` (ungated: it answers during a generation) and treats a BUSY state it did
@@ -172,26 +175,31 @@ class Watchdog:
 
     def _probe(self) -> None:
         assert self.status_probe is not None
-        with self._lock:
-            addresses = list(self._tracks)
-        for address in addresses:
+        for address in self.addresses():
             reported = self.status_probe(address)
-            if reported is None:
-                continue
-            now = self.clock()
-            with self._lock:
-                t = self._tracks.get(address)
-                if t is None:
-                    continue
-                if reported and not t.starts and t.external_since is None:
-                    t.external_since = now
-                    t.idle_since = None
-                    t.last_used = now
-                elif not reported and t.external_since is not None:
-                    t.external_since = None
-                    t.last_used = now
-                    if not t.starts:
-                        t.idle_since = now
+            if reported is not None:
+                self.observe_status(address, reported)
+
+    def addresses(self) -> list[str]:
+        with self._lock:
+            return list(self._tracks)
+
+    def observe_status(self, address: str, reported_busy: bool) -> None:
+        """Fold one Status answer in: a BUSY we did not mark counts as a call started now."""
+        now = self.clock()
+        with self._lock:
+            t = self._tracks.get(address)
+            if t is None:
+                return
+            if reported_busy and not t.starts and t.external_since is None:
+                t.external_since = now
+                t.idle_since = None
+                t.last_used = now
+            elif not reported_busy and t.external_since is not None:
+                t.external_since = None
+                t.last_used = now
+                if not t.starts:
+                    t.idle_since = now
 
 
 def _busy_since(t: _Track) -> float | None:

@@ -1,0 +1,1 @@
+"""One module per OpenAI endpoint family; each exposes ``router`` (a FastAPI APIRouter)."""
