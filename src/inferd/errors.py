@@ -66,6 +66,15 @@ class Cancelled(InferdError):
     """The caller went away or asked to stop; work stopped early."""
 
     def __init__(self, message: str = "call cancelled") -> None:
+class Unavailable(InferdError):
+    """The backend cannot take the call right now; retrying later may work.
+
+    Raised by the runtime's lifecycle gate while LoadModel/Free run ("model is being
+    loaded"/"model is being unloaded"), for streams it cancels to unload the model, and
+    when a LoadModel/Free could not start or drain within its bound.
+    """
+
+
         super().__init__(message)
 
 

@@ -132,11 +132,16 @@ class WhisperAsr:
             audio, language=lang, task="translate" if translate else "transcribe", beam_size=opts.beam_size,
             temperature=temps, initial_prompt=prompt or None, word_timestamps=word_timestamps,
             vad_filter=opts.vad_filter, condition_on_previous_text=opts.condition_on_previous_text)
-        return Transcription(info.language, float(info.duration), _segments(raw, cancelled))
+        duration = float(info.duration)
+        return Transcription(info.language, duration, _segments(raw, duration, cancelled))
 
 
-def _segments(raw: Any, cancelled: Callable[[], bool]) -> Iterator[Segment]:
-    """Convert lazily; check cancellation before each window is decoded."""
+def _segments(raw: Any, duration: float, cancelled: Callable[[], bool]) -> Iterator[Segment]:
+    """Convert lazily; check cancellation before each window is decoded.
+
+    Whisper predicts timestamps as tokens and may overshoot the end of the audio (a last
+    ``<|2.00|>`` on 1.3 s of speech): times are clamped to the audio's duration.
+    """
     it = iter(raw)
     for i in range(1 << 62):
         if cancelled():
@@ -144,5 +149,6 @@ def _segments(raw: Any, cancelled: Callable[[], bool]) -> Iterator[Segment]:
         s = next(it, None)
         if s is None:
             return
-        words = [Word(float(w.start), float(w.end), w.word) for w in (s.words or [])]
-        yield Segment(i, float(s.start), float(s.end), s.text, [int(t) for t in s.tokens], words)
+        words = [Word(min(float(w.start), duration), min(float(w.end), duration), w.word) for w in (s.words or [])]
+        yield Segment(i, min(float(s.start), duration), min(float(s.end), duration), s.text,
+                      [int(t) for t in s.tokens], words)
