@@ -67,6 +67,10 @@ class Settings:
                                "CA bundle for client certificates: enables and requires mTLS")
     shutdown_grace: float = _opt(10.0, "INFERD_SHUTDOWN_GRACE", "--shutdown-grace",
                                  "seconds in-flight calls get to finish on SIGTERM/SIGINT")
+    drain_timeout: float = _opt(30.0, "INFERD_DRAIN_TIMEOUT", "--drain-timeout",
+                                "seconds LoadModel/Free wait for calls in flight to stop before giving up")
+    load_timeout: float = _opt(600.0, "INFERD_LOAD_TIMEOUT", "--load-timeout",
+                               "seconds a LoadModel/Free may take; past it the caller gets the failure")
     watch_parent: bool = _opt(True, "INFERD_WATCH_PARENT", "--watch-parent",
                               "exit when the parent process dies (LocalAI's parent-death watch)")
     store_path: str = _opt("", "INFERD_STORE_PATH", "--store-path",
@@ -155,6 +159,9 @@ class Settings:
         for name, minimum in (("max_workers", 1), ("max_message_size", 1024), ("max_concurrent_rpcs", 1)):
             if getattr(self, name) < minimum:
                 raise SettingsError(f"{_env_of(name)}: must be >= {minimum}, got {getattr(self, name)}")
+        for name in ("drain_timeout", "load_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise SettingsError(f"{_env_of(name)}: must be a positive number of seconds, got {getattr(self, name)}")
         if self.shutdown_grace < 0:
             raise SettingsError(f"INFERD_SHUTDOWN_GRACE: must be >= 0, got {self.shutdown_grace}")
         if self.require_api_key and not self.api_key:

@@ -15,7 +15,12 @@ never blocks, e.g. handing a request to an engine's own scheduler thread).
 Concurrency: by default calls are serialized (``parallel = False``, the Go
 ``SingleThread``): the runtime holds ``self.call_lock`` around each serialized call,
 and ``busy()`` reports whether one is in progress. Thread-safe backends set
-``parallel = True`` and the runtime only counts calls in flight.
+``parallel = True`` and the runtime only counts calls in flight. Either way every model
+call holds a lease on ``self.lifecycle`` until its work has stopped, and ``unload()`` /
+``load()`` run only after every lease is back (``inferd.lifecycle``): a backend never
+needs its own guard against Free racing its calls, provided its calls do not leave
+work running in the engine after they return (an engine thread such as a scheduler must
+be stopped and joined by ``unload()`` before native memory is freed).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, ClassVar
 from inferd.backends.context import CallContext
 from inferd.backends.memory import memory_usage, release_memory
 from inferd.errors import Unsupported
+from inferd.lifecycle import LifecycleGate
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import RPCS
 
@@ -44,6 +50,9 @@ class Backend:
 
     def __init__(self) -> None:
         self.call_lock = asyncio.Lock()
+        #: LoadModel/Free against model calls (inferd.lifecycle); on the backend, not the
+        #: runtime, so the server and an embedded client over one backend share it.
+        self.lifecycle = LifecycleGate()
         self._counter_lock = threading.Lock()
         self._in_flight = 0
         self._loaded = False

@@ -17,7 +17,7 @@ class CallContext:
     a ``threading.Event`` because backend methods usually run in worker threads.
     """
 
-    __slots__ = ("rpc", "metadata", "deadline", "_cancel")
+    __slots__ = ("rpc", "metadata", "deadline", "_cancel", "revoked")
 
     def __init__(
         self,
@@ -29,8 +29,15 @@ class CallContext:
         self.metadata: Mapping[str, str] = metadata or {}
         self.deadline = deadline  # time.monotonic() value, or None
         self._cancel = threading.Event()
+        #: Why the runtime withdrew this call (e.g. "model is being unloaded"), or None.
+        #: Set by the lifecycle gate before it cancels the call; the runtime then answers
+        #: UNAVAILABLE with this reason instead of CANCELLED.
+        self.revoked: str | None = None
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str | None = None) -> None:
+        """Ask the work to stop; ``reason`` marks a withdrawal by the runtime (see ``revoked``)."""
+        if reason is not None and self.revoked is None:
+            self.revoked = reason
         self._cancel.set()
 
     def cancelled(self) -> bool:

@@ -50,7 +50,8 @@ class InferdServer:
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
-        self.runtime = BackendRuntime(backend, max_workers=settings.max_workers)
+        self.runtime = BackendRuntime(backend, max_workers=settings.max_workers,
+                                      drain_timeout=settings.drain_timeout, load_timeout=settings.load_timeout)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
