@@ -4,7 +4,9 @@
 ``backend.Backend`` (the servicer), seed 003's ``entity.grpc.LLMService``, the standard
 ``grpc.health.v1`` service (overall "" SERVING while up; ``backend.Backend`` SERVING
 only while a model is loaded) and, when enabled, server reflection under both the
-v1alpha and v1 names (grpcurl still speaks v1alpha).
+v1alpha and v1 names (grpcurl still speaks v1alpha; ``server.reflection`` resolves
+method symbols too). Every service parses its request bytes in the handler
+(``server.decoding``): undecodable bytes are INVALID_ARGUMENT naming the message type.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import LLM_SERVICE_NAME, SERVICE_NAME
 from inferd.runtime import BackendRuntime
+from inferd.server.decoding import decoding_handlers
 from inferd.server.interceptors import HEALTH_METHODS, AuthInterceptor
+from inferd.server.reflection import reflection_handlers
 from inferd.server.servicer import BackendServicer, LLMServicer
 from inferd.settings import Settings, SettingsError
 
@@ -32,7 +35,6 @@ log = logging.getLogger("inferd.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -72,9 +74,14 @@ class InferdServer:
         server.add_generic_rpc_handlers(
             (BackendServicer(self.runtime).generic_handler(), LLMServicer(self.runtime).generic_handler())
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # The stock health servicer, with its requests parsed in the handler (server.decoding).
+        server.add_generic_rpc_handlers(
+            decoding_handlers(lambda target: health_pb2_grpc.add_HealthServicer_to_server(self.health, target))
+        )
         if s.enable_reflection:
-            self._add_reflection(server)
+            server.add_generic_rpc_handlers(
+                reflection_handlers((SERVICE_NAME, LLM_SERVICE_NAME, health.SERVICE_NAME))
+            )
         address = s.listen_address
         try:
             if s.use_tls:
@@ -109,25 +116,6 @@ class InferdServer:
         cert = Path(s.cert_file).read_bytes()
         ca = Path(s.client_ca_file).read_bytes() if s.client_ca_file else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
-
-    def _add_reflection(self, server: grpc.aio.Server) -> None:
-        names = (SERVICE_NAME, LLM_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
-        servicer = reflection.aio.ReflectionServicer(names)
-        reflection.enable_server_reflection(names[:-1], server)
-        # v1 is wire-identical to v1alpha: serve the same servicer under the v1 name.
-        req, resp = reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    REFLECTION_V1,
-                    {
-                        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                            servicer.ServerReflectionInfo, req.FromString, resp.SerializeToString
-                        )
-                    },
-                ),
-            )
-        )
 
     async def load(self, options: pb.ModelOptions) -> pb.Result:
         """Load a model through the same path as the LoadModel rpc."""

@@ -1,9 +1,10 @@
 """The servicers: translate gRPC calls into runtime calls and errors into statuses.
 
 There is no per-rpc code here: every method of ``backend.Backend`` is bound from the
-RPC table to ``BackendRuntime.unary``/``stream``. A handler builds a ``CallContext``
-(metadata, deadline), awaits the runtime, and on an exception aborts with the status
-from ``status_map`` — the one place that happens.
+RPC table to ``BackendRuntime.unary``/``stream``. A handler parses the request bytes
+itself (``decoding.decode``: bad bytes are INVALID_ARGUMENT naming the message type, not
+grpc's UNKNOWN), builds a ``CallContext`` (metadata, deadline), awaits the runtime, and on
+an exception aborts with the status from ``status_map`` — the one place that happens.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 import grpc
 
 from inferd.backends.context import CallContext
+from inferd.errors import InvalidArgument
 from inferd.proto import backend_pb2 as pb
 from inferd.proto import llm_pb2
 from inferd.protocol import LLM_RPCS, LLM_SERVICE_NAME, RPCS, SERVICE_NAME, Rpc
 from inferd.runtime import MODEL_IDENTITY_KEY, BackendRuntime
+from inferd.server.decoding import decode
 from inferd.server.status_map import to_status
 
 __all__ = ["MODEL_IDENTITY_KEY", "BackendServicer", "LLMServicer"]
@@ -43,34 +46,43 @@ class BackendServicer:
         self.runtime = runtime
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
+        # request_deserializer None: the handler gets the raw bytes and parses them itself,
+        # so undecodable bytes answer INVALID_ARGUMENT naming the type (server.decoding).
         handlers = {}
         for rpc in RPCS.values():
             if rpc.name == "Health":
-                fn = self._health  # the hot path: no context, no lock
                 handlers[rpc.name] = grpc.unary_unary_rpc_method_handler(
-                    fn, rpc.request.FromString, rpc.response.SerializeToString
+                    self._health, None, rpc.response.SerializeToString
                 )
             elif rpc.streaming:
                 handlers[rpc.name] = grpc.unary_stream_rpc_method_handler(
-                    self._stream_handler(rpc), rpc.request.FromString, rpc.response.SerializeToString
+                    self._stream_handler(rpc), None, rpc.response.SerializeToString
                 )
             else:
                 handlers[rpc.name] = grpc.unary_unary_rpc_method_handler(
-                    self._unary_handler(rpc), rpc.request.FromString, rpc.response.SerializeToString
+                    self._unary_handler(rpc), None, rpc.response.SerializeToString
                 )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
-    async def _health(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Reply:
+    async def _health(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.Reply:
+        # The hot path: no context, no lock. HealthMessage has no fields, so only
+        # non-empty bytes need parsing (and must parse).
+        if raw:
+            try:
+                decode(pb.HealthMessage, raw)
+            except InvalidArgument as exc:
+                await _abort(context, exc, "Health")
         return self.runtime.health()
 
     def _unary_handler(self, rpc: Rpc) -> Any:
         runtime = self.runtime
         name = rpc.name
+        request_cls = rpc.request
 
-        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            ctx = _call_context(name, context)
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await runtime.unary(name, request, ctx)
+                request = decode(request_cls, raw)
+                return await runtime.unary(name, request, _call_context(name, context))
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never crashes the server
                 await _abort(context, exc, name)
 
@@ -80,10 +92,14 @@ class BackendServicer:
     def _stream_handler(self, rpc: Rpc) -> Any:
         runtime = self.runtime
         name = rpc.name
+        request_cls = rpc.request
 
-        async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            ctx = _call_context(name, context)
-            stream = runtime.stream(name, request, ctx)
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                request = decode(request_cls, raw)
+            except InvalidArgument as exc:
+                await _abort(context, exc, name)
+            stream = runtime.stream(name, request, _call_context(name, context))
             try:
                 async for reply in stream:
                     yield reply
@@ -112,14 +128,16 @@ class LLMServicer:
             LLM_SERVICE_NAME,
             {
                 "Generate": grpc.unary_stream_rpc_method_handler(
-                    self.generate, rpc.request.FromString, rpc.response.SerializeToString
+                    self.generate, None, rpc.response.SerializeToString
                 )
             },
         )
 
-    async def generate(
-        self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+    async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        try:
+            request = decode(llm_pb2.GenerateRequest, raw)
+        except InvalidArgument as exc:
+            await _abort(context, exc, "Generate")
         ctx = _call_context("PredictStream", context)
         options = pb.PredictOptions(Prompt=request.prompt, UseTokenizerTemplate=False)
         stream = self.runtime.stream("PredictStream", options, ctx)

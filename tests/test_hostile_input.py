@@ -1,0 +1,106 @@
+"""Hostile request bytes and values get a precise status, never UNKNOWN or INTERNAL (issue 10, defect 8).
+
+Undecodable bytes used to answer UNKNOWN ("Unexpected DecodeError") because grpc's wrapper
+parsed them before the handler. Now every method of every service inferd serves (found
+through reflection, so a service added later is covered too) answers INVALID_ARGUMENT
+naming the message type, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, symbol_database
+from google.protobuf.descriptor import FieldDescriptor
+
+from inferd.proto import backend_pb2 as pb
+from inferd.server.reflection import V1, V1ALPHA, ReflectionServicer
+from tests.fixtures_backend import EchoBackend
+from tests.helpers import running_server
+
+TRUNCATED = b"\x0a\xff\xff\xff\x0f"  # field 1, length-delimited, length far past the end
+
+
+def _methods(service_names: list[str]) -> list[tuple[str, object]]:
+    pool = descriptor_pool.Default()
+    out = []
+    for name in service_names:
+        if name in (V1, V1ALPHA):
+            out.append((f"/{name}/ServerReflectionInfo", None))
+            continue
+        for m in pool.FindServiceByName(name).methods:
+            out.append((f"/{name}/{m.name}", m))
+    return out
+
+
+def _bad_utf8(method) -> bytes | None:
+    """A request whose first string field holds invalid UTF-8 (proto3 refuses it on parse)."""
+    for f in method.input_type.fields:
+        if f.type == FieldDescriptor.TYPE_STRING:
+            if f.number > 15:
+                return None
+            return bytes([(f.number << 3) | 2, 2, 0xC3, 0x28])
+    return None
+
+
+@pytest.fixture
+async def served():
+    backend = EchoBackend()
+    async with running_server(backend) as server:
+        yield server
+
+
+async def test_undecodable_bytes_are_invalid_argument_on_every_method(served):
+    names = [n for n in ReflectionServicer([]).service_names] or []
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
+    address = f"127.0.0.1:{served.port}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        ask = channel.stream_stream(f"/{V1ALPHA}/ServerReflectionInfo",
+                                    request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+                                    response_deserializer=rpb.ServerReflectionResponse.FromString)
+        (listing,) = [r async for r in ask(iter([rpb.ServerReflectionRequest(list_services="")]))]
+        names = [s.name for s in listing.list_services_response.service]
+        assert "backend.Backend" in names and "grpc.health.v1.Health" in names
+        methods = _methods(names)
+        assert len(methods) >= len(pb.DESCRIPTOR.services_by_name["Backend"].methods) + 4
+        seen: dict[str, str] = {}
+        for path, method in methods:
+            payloads = [TRUNCATED]
+            if method is not None and (bad := _bad_utf8(method)) is not None:
+                payloads.append(bad)
+            for payload in payloads:
+                if method is None or method.client_streaming:
+                    call = channel.stream_stream(path)
+                    fut = _collect(call(iter([payload]), timeout=10))
+                elif method.server_streaming:
+                    fut = _collect(channel.unary_stream(path)(payload, timeout=10))
+                else:
+                    fut = channel.unary_unary(path)(payload, timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await fut
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, err.value.details())
+                type_name = (method.input_type.full_name if method is not None
+                             else "grpc.reflection.v1alpha.ServerReflectionRequest")
+                assert type_name in err.value.details(), (path, err.value.details())
+                seen[path] = err.value.details()
+        # the server still serves afterwards
+        health = channel.unary_unary("/backend.Backend/Health", request_serializer=pb.HealthMessage.SerializeToString,
+                                     response_deserializer=pb.Reply.FromString)
+        assert (await health(pb.HealthMessage(), timeout=5)).message == b"OK"
+    assert "/backend.Backend/Predict" in seen and "/grpc.health.v1.Health/Check" in seen
+
+
+async def _collect(call) -> list:
+    return [r async for r in call]
+
+
+def test_every_request_type_refuses_truncated_bytes():
+    """The invariant the test above relies on: TRUNCATED never parses, whatever the type."""
+    from google.protobuf.message import DecodeError
+
+    db = symbol_database.Default()
+    for service in pb.DESCRIPTOR.services_by_name.values():
+        for m in service.methods:
+            with pytest.raises(DecodeError):
+                db.GetSymbol(m.input_type.full_name).FromString(TRUNCATED)
