@@ -1,0 +1,52 @@
+"""One fuzzing session against one backend: spawn it, load its model, fuzz every rpc, report.
+
+Shared by the short seeded run in ``make test`` (tests/reliability/test_fuzz.py) and the full
+run of ``make fuzz`` (bench/fuzz.py): same server flags, same order, same checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from inferd.protocol import Rpc
+from tests.reliability.fuzzing import Report, fuzz_rpcs, ordered_rpcs
+from tests.reliability.servers import load_options, spawn
+
+#: The fuzzed server refuses messages past 4 MiB (the generator goes to about twice that), so
+#: RESOURCE_EXHAUSTED for oversize requests is exercised without moving 100 MiB per case.
+MAX_MESSAGE = 4 << 20
+#: Address-space cap of the fuzzed server: an absurd allocation fails inside the process
+#: instead of taking the machine's memory from the other tenants.
+ADDRESS_SPACE = 8 << 30
+
+
+def fuzz_backend(backend: str, cases: int, seed: int, *, deadline: float = 2.0, concurrency: int = 4,
+                 batch: int = 200, progress: Callable[[str], None] | None = None) -> Report:
+    """Fuzz every rpc of ``backend`` (``cases`` each); the model is reloaded after LoadModel/Free."""
+    server = spawn(backend, "--max-message-size", str(MAX_MESSAGE), "--max-workers", "8",
+                   limits={"RLIMIT_AS": ADDRESS_SPACE})
+    report = Report()
+    try:
+        loaded = server.load()
+        if not loaded.success:
+            # Still fuzz: every rpc must refuse cleanly without a model too.
+            report.notes.append(f"LoadModel failed, fuzzed without a model: {loaded.message}")
+
+        def alive() -> bool:
+            return server.alive() and server.health(timeout=10)
+
+        def after_rpc(rpc: Rpc) -> None:
+            if rpc.name in ("LoadModel", "Free") and loaded.success and alive():
+                again = server.load()
+                if not again.success:
+                    raise AssertionError(f"{backend}: the model no longer loads after fuzzing {rpc.name}: "
+                                         f"{again.message}")
+
+        fuzz_rpcs(server.channel(), ordered_rpcs(), cases, seed, load=load_options(backend),
+                  deadline=deadline, concurrency=concurrency, batch=batch, max_bytes=MAX_MESSAGE,
+                  alive=alive, after_rpc=after_rpc, report=report, progress=progress)
+        if report.dead is not None:
+            report.dead += f"\nexit status {server.proc.poll()}; server stderr:\n{server.stderr_tail()}"
+    finally:
+        server.close()
+    return report

@@ -1,0 +1,452 @@
+"""A protobuf fuzzer driven by the descriptors of ``backend.proto``, and its runner.
+
+Cases are encoded on the wire by hand from each message's descriptor, not with the protobuf
+API, so they can hold what the API refuses to build: invalid UTF-8 in string fields, enums
+outside their range, packed and unpacked repeated scalars, unknown and mistyped fields. Three
+kinds of case per rpc:
+
+* ``mutant``: the rpc's valid seed request with one to three fields overwritten by edge values
+  (protobuf's last-one-wins makes appending a field an override), so validation passes on the
+  other fields and the mutated one is really exercised;
+* ``random``: every field of the request drawn independently (edge values per type, NaN/inf,
+  huge repeated fields, oversize strings, hostile JSON in string fields, wrong enums);
+* ``frame``: a malformed frame (truncated, random bytes, bad tags, overlong varints, a length
+  past the end, deeply nested groups).
+
+Every case goes through ``channel.unary_unary``/``unary_stream`` with identity serializers, so
+the server sees exactly these bytes. The runner's contract (``Verdict``): each reply is a
+deliberate status (never INTERNAL or UNKNOWN), arrives within the deadline plus a small slack,
+a reply's bytes parse as the rpc's response type, and the server still answers Health after
+each batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from inferd.proto import backend_pb2 as pb
+from inferd.protocol import LLM_RPCS, RPCS, Rpc
+
+# ---- wire encoding ---------------------------------------------------------------------------
+WT_VARINT, WT_I64, WT_LEN, WT_SGROUP, WT_EGROUP, WT_I32 = 0, 1, 2, 3, 4, 5
+
+
+def varint(n: int) -> bytes:
+    """Base-128 varint; negative numbers as their 64-bit two's complement (10 bytes), as protobuf does."""
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def tag(number: int, wire_type: int) -> bytes:
+    return varint((number << 3) | wire_type)
+
+
+def length_delimited(number: int, payload: bytes) -> bytes:
+    return tag(number, WT_LEN) + varint(len(payload)) + payload
+
+
+def zigzag(n: int) -> int:
+    return (n << 1) ^ (n >> 63)
+
+
+T = FieldDescriptor
+_INT_RANGES = {
+    T.TYPE_INT32: (-(2**31), 2**31 - 1), T.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    T.TYPE_SFIXED32: (-(2**31), 2**31 - 1), T.TYPE_UINT32: (0, 2**32 - 1), T.TYPE_FIXED32: (0, 2**32 - 1),
+    T.TYPE_INT64: (-(2**63), 2**63 - 1), T.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    T.TYPE_SFIXED64: (-(2**63), 2**63 - 1), T.TYPE_UINT64: (0, 2**64 - 1), T.TYPE_FIXED64: (0, 2**64 - 1),
+}
+
+
+def encode_scalar(ftype: int, value: Any) -> tuple[int, bytes]:
+    """(wire type, encoded value) of one scalar of protobuf type ``ftype``."""
+    if ftype in (T.TYPE_INT32, T.TYPE_INT64, T.TYPE_UINT32, T.TYPE_UINT64, T.TYPE_ENUM):
+        return WT_VARINT, varint(int(value))
+    if ftype == T.TYPE_BOOL:
+        return WT_VARINT, varint(int(value))
+    if ftype in (T.TYPE_SINT32, T.TYPE_SINT64):
+        return WT_VARINT, varint(zigzag(int(value)))
+    if ftype == T.TYPE_FLOAT:
+        return WT_I32, struct.pack("<f", value)
+    if ftype == T.TYPE_DOUBLE:
+        return WT_I64, struct.pack("<d", value)
+    if ftype in (T.TYPE_FIXED32, T.TYPE_SFIXED32):
+        return WT_I32, struct.pack("<I", int(value) & 0xFFFFFFFF)
+    if ftype in (T.TYPE_FIXED64, T.TYPE_SFIXED64):
+        return WT_I64, struct.pack("<Q", int(value) & (2**64 - 1))
+    if ftype in (T.TYPE_STRING, T.TYPE_BYTES):
+        data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        return WT_LEN, varint(len(data)) + data
+    raise ValueError(f"not a scalar type: {ftype}")
+
+
+# ---- edge values -----------------------------------------------------------------------------
+_FLOAT_EDGES = (0.0, -0.0, 1.0, -1.0, 0.5, 2.0, math.nan, math.inf, -math.inf, 3.4e38, -3.4e38,
+                1e-45, 1e-30, 1e6, 100.0)
+_DOUBLE_EXTRA = (1e308, -1e308, 5e-324)
+
+
+def _deep_json(rng: random.Random) -> str:
+    n = rng.choice((65, 1000, 50_000))
+    opener = rng.choice(("[", '{"a":'))
+    return opener * n
+
+
+def _big_json(rng: random.Random) -> str:
+    kind = rng.randrange(5)
+    if kind == 0:
+        return "[" + ",".join("1" for _ in range(rng.choice((1000, 200_000)))) + "]"
+    if kind == 1:
+        return '{"' + "x" * 100 + '": ' + "1e999" + "}"
+    if kind == 2:
+        return '{"1": NaN, "2": Infinity, "3": -Infinity}'
+    if kind == 3:
+        return '[{"type": "function", "function": {"name": "' + "f" * 5000 + '", "parameters": {"type": "object"}}}]'
+    return '{"type": "object", "properties": {"a": {"$ref": "#"}}}'
+
+
+_HOSTILE_TEXT = (
+    "", "a", " ", "hello world", "日本語 🚀 ÿ", "\x00", "a\x00b", "\r\n\t", "%s%n%x{0}{}", "\u202e\u200b",
+    "../../../../etc/passwd", "/etc/passwd", "/proc/self/mem", "store://../../../tmp/x", "store://",
+    "~/x", "..", "/", "\\\\server\\share", "true", "false", "null", "-1", "NaN", "1e999",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}", "{% include '/etc/passwd' %}",
+    "{{ cycler.__init__.__globals__.os.system('id') }}", "root ::= [a-z]+", "root ::= root",
+    "key:value", "parallel:100000000", "threads:1000000", "n_ubatch:0", "chat_template:{{ 1/0 }}",
+    "queue:-5", "parallel:", ":", "=", "ann:bogus", "compact_bytes:-1",
+)
+
+
+def edge_string(rng: random.Random, max_bytes: int) -> str | bytes:
+    """A string-field value: hostile text, hostile JSON, an oversize run, or (rarely) invalid UTF-8.
+
+    Invalid UTF-8 makes the whole message undecodable, so it is kept rare here (the ``frame``
+    cases send it on purpose): most random messages must decode to reach the backend.
+    """
+    kind = rng.randrange(30)
+    if kind < 12:
+        return rng.choice(_HOSTILE_TEXT)
+    if kind < 16:
+        return _deep_json(rng)
+    if kind < 20:
+        return _big_json(rng)
+    if kind == 20:
+        return rng.choice((b"\xff\xfe", b"\xc3\x28", b"abc\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"))
+    if kind < 24:
+        return "x" * rng.choice((1 << 10, 1 << 16, min(max_bytes, 1 << 20), 2 * max_bytes))
+    if kind < 27:
+        return "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(1, 64)))
+    return " ".join(rng.choice(("the", "cat", "sat", "on", "a", "mat", "<s>", "</s>", "<|im_end|>"))
+                    for _ in range(rng.randrange(1, 40)))
+
+
+def edge_bytes(rng: random.Random, max_bytes: int) -> bytes:
+    kind = rng.randrange(5)
+    if kind == 0:
+        return b""
+    if kind == 1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+    if kind == 2:
+        return b"\xff" * rng.choice((1, 1000, min(max_bytes, 1 << 20)))
+    if kind == 3:
+        return b"RIFF\x00\x00\x00\x00WAVEfmt " + bytes(rng.randrange(256) for _ in range(32))
+    s = edge_string(rng, max_bytes)
+    return s.encode("utf-8") if isinstance(s, str) else s
+
+
+def edge_scalar(rng: random.Random, fd: FieldDescriptor, max_bytes: int) -> Any:
+    t = fd.type
+    if t in _INT_RANGES:
+        lo, hi = _INT_RANGES[t]
+        return rng.choice((0, 1, -1 if lo < 0 else 2, lo, hi, 2, 7, 64, 1000, 2**16, 10**6,
+                           rng.randint(lo, hi), rng.randint(-5, 5) if lo < 0 else rng.randint(0, 10)))
+    if t == T.TYPE_BOOL:
+        return rng.choice((0, 1, 1, 2))  # 2: a non-canonical "true" varint
+    if t == T.TYPE_FLOAT:
+        return rng.choice(_FLOAT_EDGES + (rng.uniform(-10, 10),))
+    if t == T.TYPE_DOUBLE:
+        return rng.choice(_FLOAT_EDGES + _DOUBLE_EXTRA + (rng.uniform(-10, 10),))
+    if t == T.TYPE_ENUM:
+        valid = [v.number for v in fd.enum_type.values]
+        return rng.choice(valid + [max(valid) + 1, 99, -1, 2**31 - 1])  # proto3 enums are open
+    if t == T.TYPE_STRING:
+        return edge_string(rng, max_bytes)
+    if t == T.TYPE_BYTES:
+        return edge_bytes(rng, max_bytes)
+    raise ValueError(f"unexpected scalar type {t}")
+
+
+def encode_field(rng: random.Random, fd: FieldDescriptor, depth: int, max_bytes: int) -> bytes:
+    """One field with a fuzzed value (repeated fields: 0..huge elements, packed or not)."""
+    if fd.type == T.TYPE_MESSAGE:
+        count = _repeat_count(rng) if _is_repeated(fd) else 1
+        one = [encode_message(rng, fd.message_type, depth + 1, max_bytes) for _ in range(min(count, 8))]
+        if one:  # cap the total near 2 * max_bytes: past the server's limit, not past this machine's memory
+            count = min(count, max(1, 2 * max_bytes // max(1, max(len(m) for m in one))))
+        items = [one[i % len(one)] for i in range(count)] if one else []
+        return b"".join(length_delimited(fd.number, m) for m in items)
+    if fd.type == T.TYPE_GROUP:  # not in proto3; kept for completeness
+        return b""
+    if not _is_repeated(fd):
+        wt, data = encode_scalar(fd.type, edge_scalar(rng, fd, max_bytes))
+        return tag(fd.number, wt) + data
+    count = _repeat_count(rng)
+    if fd.type in (T.TYPE_STRING, T.TYPE_BYTES):
+        values = [edge_scalar(rng, fd, 4096) for _ in range(min(count, 16))]
+        longest = max((len(v) for v in values), default=1)
+        count = min(count, 4096, max(1, 2 * max_bytes // max(1, longest)))
+        return b"".join(tag(fd.number, WT_LEN) + encode_scalar(fd.type, values[i % len(values)])[1]
+                        for i in range(count))
+    values = [edge_scalar(rng, fd, max_bytes) for _ in range(min(count, 64))]
+    encoded = [encode_scalar(fd.type, values[i % len(values)]) for i in range(count)] if values else []
+    if rng.random() < 0.7:  # packed, proto3's default
+        payload = b"".join(data for _, data in encoded)
+        return length_delimited(fd.number, payload)
+    return b"".join(tag(fd.number, wt) + data for wt, data in encoded)
+
+
+def _is_repeated(fd: FieldDescriptor) -> bool:
+    return bool(getattr(fd, "is_repeated", None) if hasattr(fd, "is_repeated")
+                else fd.label == FieldDescriptor.LABEL_REPEATED)  # protobuf < 5
+
+
+def _repeat_count(rng: random.Random) -> int:
+    return rng.choice((0, 1, 2, 3, 5, 100, 1000, 100_000))
+
+
+def encode_message(rng: random.Random, desc: Descriptor, depth: int = 0, max_bytes: int = 1 << 20) -> bytes:
+    """A random instance of ``desc``: each field set with probability 1/2 (deeper: less often)."""
+    if depth > 3:
+        return b""
+    p = 0.5 / (depth + 1)
+    parts = [encode_field(rng, fd, depth, max_bytes) for fd in desc.fields if rng.random() < p]
+    parts.sort(key=len)
+    while parts and sum(map(len, parts)) > 2 * max_bytes:  # past the server's limit, within reason
+        parts.pop()
+    rng.shuffle(parts)
+    return b"".join(parts)
+
+
+def malformed_frame(rng: random.Random, valid: bytes) -> tuple[str, bytes]:
+    """A frame that is not a valid encoding of any message (or barely is)."""
+    kind = rng.randrange(9)
+    if kind == 0 and len(valid) > 1:
+        return "truncated", valid[: rng.randrange(1, len(valid))]
+    if kind == 1:
+        return "random-bytes", bytes(rng.randrange(256) for _ in range(rng.randrange(1, 256)))
+    if kind == 2:
+        return "field-zero", b"\x00\x01" + valid
+    if kind == 3:
+        return "wire-type-7", b"\x0f\x01" + valid
+    if kind == 4:
+        return "overlong-varint", b"\x08" + b"\xff" * 11 + b"\x01"
+    if kind == 5:
+        return "length-past-end", valid + tag(1, WT_LEN) + varint(2**31) + b"abc"
+    if kind == 6:
+        depth = rng.choice((100, 2000))
+        return "nested-groups", tag(9999, WT_SGROUP) * depth + tag(9999, WT_EGROUP) * depth
+    if kind == 7:
+        return "unterminated-group", valid + tag(77, WT_SGROUP) + b"\x08\x01"
+    return "invalid-utf8-string", valid + _invalid_utf8_in_a_string_field(rng)
+
+
+def _invalid_utf8_in_a_string_field(rng: random.Random) -> bytes:
+    # Field 1 of most request messages; any string field would do: a fixed number keeps
+    # this usable for every rpc (it is unknown, or a string, or a mistyped field).
+    return length_delimited(rng.choice((1, 2, 3)), b"\xff\xfe\xc3\x28")
+
+
+def invalid_utf8_for(desc: Descriptor) -> bytes | None:
+    """An invalid UTF-8 value in the first string field of ``desc`` (None if it has none)."""
+    for fd in desc.fields:
+        if fd.type == T.TYPE_STRING and not _is_repeated(fd):
+            return length_delimited(fd.number, b"\xff\xfe\xc3\x28")
+    return None
+
+
+# ---- seeds: a valid request per message type (what the mutants start from) -------------------
+SEEDS: dict[str, Any] = {
+    "PredictOptions": pb.PredictOptions(Prompt="Hello", Tokens=4, Temperature=0.0, Threads=1,
+                                        Embeddings="hello world"),
+    "StoresSetOptions": pb.StoresSetOptions(Keys=[pb.StoresKey(Floats=[0.1, 0.2, 0.3])],
+                                            Values=[pb.StoresValue(Bytes=b"v")]),
+    "StoresGetOptions": pb.StoresGetOptions(Keys=[pb.StoresKey(Floats=[0.1, 0.2, 0.3])]),
+    "StoresDeleteOptions": pb.StoresDeleteOptions(Keys=[pb.StoresKey(Floats=[0.3, 0.2, 0.1])]),
+    "StoresFindOptions": pb.StoresFindOptions(Key=pb.StoresKey(Floats=[0.1, 0.2, 0.3]), TopK=2),
+    "RerankRequest": pb.RerankRequest(query="cats", documents=["a cat", "a car"], top_n=2),
+    "TokenizationResponse": pb.TokenizationResponse(),
+}
+
+
+def seed_bytes(rpc: Rpc, load: pb.ModelOptions | None) -> bytes:
+    name = rpc.request.DESCRIPTOR.name
+    if name == "ModelOptions" and load is not None:
+        return load.SerializeToString()
+    seed = SEEDS.get(name)
+    if seed is None:
+        seed = rpc.request()
+    return seed.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # mutant | random | frame:<what>
+    data: bytes
+
+
+def generate(rng: random.Random, rpc: Rpc, load: pb.ModelOptions | None = None,
+             max_bytes: int = 1 << 20) -> Case:
+    """One case for ``rpc``: 45 % mutants, 35 % random messages, 20 % malformed frames."""
+    desc = rpc.request.DESCRIPTOR
+    seed = seed_bytes(rpc, load)
+    roll = rng.random()
+    if roll < 0.45 and desc.fields:
+        fields = rng.sample(list(desc.fields), k=min(len(desc.fields), rng.randint(1, 3)))
+        return Case("mutant", seed + b"".join(encode_field(rng, fd, 1, max_bytes) for fd in fields))
+    if roll < 0.80:
+        return Case("random", encode_message(rng, desc, 0, max_bytes))
+    what, data = malformed_frame(rng, seed)
+    return Case(f"frame:{what}", data)
+
+
+# ---- running -----------------------------------------------------------------------------------
+#: Statuses a server may deliberately answer to hostile input.
+DELIBERATE = frozenset({
+    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED,
+})
+
+
+@dataclass
+class Finding:
+    rpc: str
+    kind: str
+    code: str
+    details: str
+    elapsed: float
+    size: int
+
+    def __str__(self) -> str:
+        return (f"{self.rpc} [{self.kind}, {self.size} B] -> {self.code} after {self.elapsed:.2f}s: "
+                f"{self.details[:300]}")
+
+
+@dataclass
+class Report:
+    """Counts by status per rpc, and every violation of the contract."""
+
+    counts: dict[str, Counter] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    dead: str | None = None  # set when the server stopped answering
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        codes = sorted({c for counter in self.counts.values() for c in counter})
+        header = "| rpc | cases | " + " | ".join(codes) + " |"
+        lines = [header, "|" + " --- |" * (len(codes) + 2)]
+        for rpc, counter in self.counts.items():
+            cells = " | ".join(str(counter.get(c, 0)) for c in codes)
+            lines.append(f"| {rpc} | {sum(counter.values())} | {cells} |")
+        return "\n".join(lines)
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def call_raw(channel: grpc.Channel, rpc: Rpc, data: bytes, timeout: float) -> tuple[grpc.StatusCode, str, list[bytes]]:
+    """Send ``data`` as the request of ``rpc``; return (code, details, reply frames)."""
+    replies: list[bytes] = []
+    try:
+        if rpc.streaming:
+            call = channel.unary_stream(rpc.path, request_serializer=_identity, response_deserializer=_identity)
+            for reply in call(data, timeout=timeout):
+                replies.append(reply)
+        else:
+            call = channel.unary_unary(rpc.path, request_serializer=_identity, response_deserializer=_identity)
+            replies.append(call(data, timeout=timeout))
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or "", replies
+    return grpc.StatusCode.OK, "", replies
+
+
+def run_case(channel: grpc.Channel, rpc: Rpc, case: Case, deadline: float, slack: float) -> tuple[str, Finding | None]:
+    start = time.monotonic()
+    code, details, replies = call_raw(channel, rpc, case.data, deadline)
+    elapsed = time.monotonic() - start
+    problem = None
+    if code not in DELIBERATE:
+        problem = details
+    elif elapsed > deadline + slack:
+        problem = f"reply after {elapsed:.2f}s, deadline {deadline}s; {details}"
+    else:
+        for frame in replies:
+            try:
+                rpc.response.FromString(frame)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is a finding
+                problem = f"reply does not parse as {rpc.response.DESCRIPTOR.name}: {exc}"
+                break
+    finding = Finding(rpc.path, case.kind, code.name, problem, elapsed, len(case.data)) if problem else None
+    return code.name, finding
+
+
+def fuzz_rpcs(channel: grpc.Channel, rpcs: Iterable[Rpc], cases: int, seed: int, *,
+              load: pb.ModelOptions | None = None, deadline: float = 2.0, slack: float = 1.5,
+              concurrency: int = 4, batch: int = 200, max_bytes: int = 1 << 20,
+              alive: Callable[[], bool] | None = None, after_rpc: Callable[[Rpc], None] | None = None,
+              report: Report | None = None, progress: Callable[[str], None] | None = None) -> Report:
+    """Fuzz each rpc with ``cases`` cases; check ``alive()`` after every batch of ``batch`` cases.
+
+    Each rpc gets its own ``random.Random(seed, rpc)`` stream, so a finding reproduces from
+    the seed and the rpc name alone. Stops at the first batch after which the server is dead.
+    """
+    report = report or Report()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for rpc in rpcs:
+            rng = random.Random(f"{seed}:{rpc.path}")
+            counter = report.counts.setdefault(rpc.path, Counter())
+            done = 0
+            while done < cases:
+                n = min(batch, cases - done)
+                batch_cases = [generate(rng, rpc, load, max_bytes) for _ in range(n)]
+                for code, finding in pool.map(lambda c, r=rpc: run_case(channel, r, c, deadline, slack), batch_cases):
+                    counter[code] += 1
+                    if finding is not None:
+                        report.findings.append(finding)
+                done += n
+                if alive is not None and not alive():
+                    report.dead = f"server stopped answering Health after {done} cases of {rpc.path}"
+                    return report
+            if after_rpc is not None:
+                after_rpc(rpc)
+            if progress is not None:
+                progress(f"{rpc.path}: {dict(counter)}")
+    return report
+
+
+def ordered_rpcs(include_llm: bool = True) -> list[Rpc]:
+    """Every rpc; LoadModel and Free last (they unload the model the others need)."""
+    lifecycle = ("LoadModel", "Free")
+    out = [r for name, r in RPCS.items() if name not in lifecycle]
+    if include_llm:
+        out += list(LLM_RPCS.values())
+    return out + [RPCS[name] for name in lifecycle]
