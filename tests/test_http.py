@@ -98,7 +98,7 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}"}
 
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 WEATHER_TOOL = {
     "type": "function",
     "function": {

@@ -81,7 +81,8 @@ async def collect(stream: AsyncIterator[Any]) -> list[Any]:
 
 
 def test_chat_stream_and_generate_stream(smol_server: Any) -> None:
-    chat = ipb.ChatRequest(messages=[ipb.ChatMessage(role="user", content="What is the capital of France?")],
+    question = "What is the capital of France? Answer in one sentence."
+    chat = ipb.ChatRequest(messages=[ipb.ChatMessage(role="user", content=question)],
                            params=ipb.SamplingParams(max_tokens=24, temperature=0))
     replies = run(smol_server, lambda stub: collect(stub.ChatStream(chat)))
     assert "Paris" in "".join(r.content for r in replies)
@@ -143,7 +144,8 @@ def test_memory_stats_manage_vram_and_clear(smol_server: Any) -> None:
             while reports[-1].event == "changed":  # pushed on load/unload, before the command's answer
                 reports.append(await call.read())
         await call.done_writing()
-        reports.extend([r async for r in call])
+        while (rest := await call.read()) != grpc.aio.EOF:
+            reports.append(rest)
         return reports
 
     reports = run(smol_server, session)

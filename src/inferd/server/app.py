@@ -16,16 +16,19 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
+from inferd.observability.grpc_host import observe_server
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import LLM_SERVICE_NAME, SERVICE_NAME
 from inferd.runtime import BackendRuntime
 from inferd.server.decoding import decoding_handlers
+from inferd.server.inference_servicer import INFERENCE_SERVICE_NAME, inference_handlers
 from inferd.server.interceptors import HEALTH_METHODS, AuthInterceptor
 from inferd.server.reflection import reflection_handlers
 from inferd.server.servicer import BackendServicer, LLMServicer
@@ -58,11 +61,13 @@ class InferdServer:
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
         self._stopping = False
+        self.metrics_endpoint: Any = None  # observability.grpc_host.MetricsEndpoint with --metrics-port
 
     async def start(self) -> int:
         """Bind and start; return the bound port (useful with port 0)."""
         s = self.settings
-        interceptors = []
+        # Metrics/access log first: it also counts the calls auth refuses. Off unless asked for.
+        interceptors, self.metrics_endpoint = observe_server(s, self.runtime)
         if s.api_keys:
             open_methods = HEALTH_METHODS if s.health_open else ()
             interceptors.append(AuthInterceptor(s.api_keys, open_methods))
@@ -71,16 +76,20 @@ class InferdServer:
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
-        server.add_generic_rpc_handlers(
-            (BackendServicer(self.runtime).generic_handler(), LLMServicer(self.runtime).generic_handler())
-        )
+        services = s.service_set
+        if "backend" in services:
+            server.add_generic_rpc_handlers((BackendServicer(self.runtime).generic_handler(),))
+        if "llm" in services:
+            server.add_generic_rpc_handlers((LLMServicer(self.runtime).generic_handler(),))
+        if "inference" in services:  # seed 002's service; requests parsed in the handler (server.decoding)
+            server.add_generic_rpc_handlers(inference_handlers(self.runtime))
         # The stock health servicer, with its requests parsed in the handler (server.decoding).
         server.add_generic_rpc_handlers(
             decoding_handlers(lambda target: health_pb2_grpc.add_HealthServicer_to_server(self.health, target))
         )
         if s.enable_reflection:
             server.add_generic_rpc_handlers(
-                reflection_handlers((SERVICE_NAME, LLM_SERVICE_NAME, health.SERVICE_NAME))
+                reflection_handlers((SERVICE_NAME, LLM_SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME))
             )
         address = s.listen_address
         try:
@@ -130,6 +139,8 @@ class InferdServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.runtime.shutdown()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 
     async def wait(self) -> None:
         assert self.server is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from google.protobuf import json_format
 
@@ -39,8 +40,13 @@ async def run_server(settings: Settings) -> int:
     port = await server.start()
     # One machine-readable line on stdout: supervisors read the bound port from it.
     print(f"inferd: listening on {settings.listen_address.rsplit(':', 1)[0]}:{port}", flush=True)
+    if server.metrics_endpoint is not None:
+        print(f"inferd: metrics on {server.metrics_endpoint.host}:{server.metrics_endpoint.port}", flush=True)
     if settings.load_on_start:
+        started = time.perf_counter()
         result = await server.load(options)
+        if server.metrics_endpoint is not None and result.success:
+            server.metrics_endpoint.observe_load(server.backend.model_name, time.perf_counter() - started)
         if not result.success:
             print(f"inferd: failed to load the model: {result.message}", file=sys.stderr, flush=True)
             await server.stop(0)
