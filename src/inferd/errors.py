@@ -54,6 +54,10 @@ class NotFound(InferdError):
     """A referenced object (job, file, key) does not exist."""
 
 
+class AlreadyExists(InferdError):
+    """The object to create exists already (a job id that is still running)."""
+
+
 class Unauthenticated(InferdError):
     """Missing or wrong credentials."""
 
@@ -62,10 +66,6 @@ class PermissionDenied(InferdError):
     """Credentials are fine but the request is not allowed (e.g. wrong model identity)."""
 
 
-class Cancelled(InferdError):
-    """The caller went away or asked to stop; work stopped early."""
-
-    def __init__(self, message: str = "call cancelled") -> None:
 class Unavailable(InferdError):
     """The backend cannot take the call right now; retrying later may work.
 
@@ -75,6 +75,10 @@ class Unavailable(InferdError):
     """
 
 
+class Cancelled(InferdError):
+    """The caller went away or asked to stop; work stopped early."""
+
+    def __init__(self, message: str = "call cancelled") -> None:
         super().__init__(message)
 
 
