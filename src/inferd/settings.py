@@ -79,6 +79,8 @@ class Settings:
                            "when set, model, LoRA, dataset, job and store paths must stay inside it")
     audio_dir: str = _opt("", "INFERD_AUDIO_DIR", "--audio-dir",
                           "when set, TTS output and transcription input paths must stay inside it")
+    images_dir: str = _opt("", "INFERD_IMAGES_DIR", "--images-dir",
+                           "when set, image paths (Detect src, GenerateImage src/dst) must stay inside it")
     log_level: str = _opt("info", "INFERD_LOG_LEVEL", "--log-level", "debug, info, warning, error")
     log_format: str = _opt("text", "INFERD_LOG_FORMAT", "--log-format",
                            "text, or json: one object per line with rpc, model, correlation id, duration")

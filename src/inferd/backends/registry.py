@@ -21,6 +21,8 @@ BACKENDS: dict[str, str] = {
     "silero-vad": "inferd.backends.silero_vad:SileroVadBackend",
     "piper": "inferd.backends.piper:PiperBackend",
     "whisper": "inferd.backends.whisper:WhisperBackend",
+    "rerankers": "inferd.backends.rerankers:RerankersBackend",
+    "onnx-detect": "inferd.backends.onnx_detect:OnnxDetectBackend",
 }
 
 
