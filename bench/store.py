@@ -1,32 +1,30 @@
-"""local-store speed: Set throughput, Find p50/p99 (exact and ANN), recall@10, vs plain numpy.
+"""local-store speed: Find over the wire against numpy's in-process scan, ANN, builds, Set.
 
-Everything is measured in this run, against a baseline doing the same work with
-plain numpy (no store):
+Every figure is a ratio against a baseline measured in the same run (the machine is shared:
+the load average is printed with each section):
 
-* Set: 100k x 384 keys through ``StoresSet`` messages of 1,000 keys (the backend's
-  protobuf conversion + the engine), in memory and durable (fsync per call); baseline:
-  ``np.array`` of the same Python lists appended to a list (no lookups, no durability).
-* Find: p50/p99 per query at each size; ours exact (matrix-vector product on a kept
-  float32 matrix + argpartition), ours through the ANN index when its calibration
-  accepts it, and the baseline brute force (cosine over the raw keys with the norms
-  computed per query, then a full argsort), which is what a store without a kept
-  matrix does; also, for reference, our algorithm in plain numpy on a pre-normalised
-  matrix with BLAS's default thread count. Ratios are baseline/ours (>1: we are faster).
-* recall@10 of the ANN answers against the exact ones, on held-out queries.
+* ``wire``: a real ``inferd serve --backend local-store`` subprocess holding 100k x 384
+  keys, queried over gRPC with the plain generated stub (what a Go or Python client does),
+  against numpy in the bench process doing the float32 scan on the same keys
+  (``keys @ q`` + ``argpartition``, BLAS's default threads): Find p50 over the wire
+  DURING the ANN index build (or its early probe) and AFTER it, for random and clustered
+  data; the ANN's p50 and recall@10 on clustered data. Measurements alternate between
+  ours and numpy in rounds, so load spikes hit both.
+* ``inproc``: the engine in-process (no gRPC): exact Find (int8 scan + exact re-scoring,
+  and the float32 BLAS scan) against the same numpy scan.
+* ``set``: StoresSet throughput through the backend's protobuf conversion.
 
-Data: ``clustered`` (embedding-like: 200 clusters in a 64-d subspace of R^384 plus
-noise; not real embeddings) and ``random`` (unit Gaussian: the worst case for ANN).
-
-    python bench/store.py            # 10k, 100k, 1M exact; ANN at 100k (both data sets); ~3-5 min
-    python bench/store.py --quick    # 10k and 100k, fewer queries; ~1 min
-    python bench/store.py --full     # also the ANN at 1M (build takes minutes on 2 cores)
+    python bench/store.py                # wire + inproc at 100k x 384 (several minutes on 2 cores)
+    python bench/store.py --n 20000      # smaller and quicker
+    python bench/store.py --sections set
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,48 +34,186 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from inferd.backends.context import CallContext  # noqa: E402
 from inferd.backends.local_store import LocalStoreBackend  # noqa: E402
 from inferd.engines.store import StoreConfig, VectorStore  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
+from inferd.proto import backend_pb2_grpc as pb_grpc  # noqa: E402
 from inferd.settings import Settings  # noqa: E402
+from tests.helpers import free_port, inferd_env, start_listening  # noqa: E402
 
 DIM = 384
 
 
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def make_data(kind: str, n: int, seed: int) -> np.ndarray:
+    """``random``: unit Gaussian (the worst case for ANN); ``clustered``: 200 clusters in a
+    64-d subspace of R^384 plus noise (embedding-like; not real embeddings)."""
     rng = np.random.default_rng(seed)
     if kind == "random":
         x = rng.standard_normal((n, DIM), dtype=np.float32)
     else:
         basis = np.random.default_rng(1).standard_normal((64, DIM)).astype(np.float32)
         centres = np.random.default_rng(2).standard_normal((200, 64)).astype(np.float32)
-        x = np.empty((n, DIM), dtype=np.float32)
-        for s in range(0, n, 100_000):
-            m = min(100_000, n - s)
-            lab = rng.integers(0, 200, m)
-            part = (centres[lab] + 0.6 * rng.standard_normal((m, 64), dtype=np.float32)) @ basis
-            noise = rng.standard_normal((m, DIM), dtype=np.float32)
-            part += 0.3 * noise * (np.linalg.norm(part, axis=1, keepdims=True) / np.sqrt(DIM))
-            x[s : s + m] = part
+        lab = rng.integers(0, 200, n)
+        x = (centres[lab] + 0.6 * rng.standard_normal((n, 64), dtype=np.float32)) @ basis
+        noise = rng.standard_normal((n, DIM), dtype=np.float32)
+        x += 0.3 * noise * (np.linalg.norm(x, axis=1, keepdims=True) / np.sqrt(DIM))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
 
-def pct(lat: list[float]) -> tuple[float, float]:
-    a = np.array(lat) * 1e3
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+def p50(lat: list[float]) -> float:
+    return float(np.percentile(np.array(lat) * 1e3, 50))
 
 
-def baseline_find(keys: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    sims = (keys @ q) / (np.linalg.norm(keys, axis=1) * np.linalg.norm(q))
-    return np.argsort(-sims)[:k]
+def numpy_scan(keys: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
+    sims = keys @ q
+    return np.argpartition(sims, len(sims) - k)[len(sims) - k :]
 
 
-def bench_set(n: int, batch: int) -> None:
+class Server:
+    """A local-store server subprocess and a plain gRPC stub to it."""
+
+    def __init__(self, options: list[str]) -> None:
+        port = free_port()
+        cmd = [sys.executable, "-m", "inferd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--backend", "local-store", "--model", "store://bench",
+               "--model-options", json.dumps({"Options": options})]
+        self.proc = start_listening(cmd, inferd_env())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+            ("grpc.max_send_message_length", 100 << 20), ("grpc.max_receive_message_length", 100 << 20)])
+        self.stub = pb_grpc.BackendStub(self.channel)
+        for _ in range(200):
+            try:
+                if self.stub.Status(pb.HealthMessage()).state == pb.StatusResponse.State.READY:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+
+    def set(self, data: np.ndarray, batch: int = 2000) -> None:
+        for s in range(0, len(data), batch):
+            rows = data[s : s + batch]
+            self.stub.StoresSet(pb.StoresSetOptions(
+                Keys=[pb.StoresKey(Floats=r) for r in rows.tolist()],
+                Values=[pb.StoresValue(Bytes=b"%d" % (s + i)) for i in range(len(rows))]))
+
+    def breakdown(self) -> dict[str, int]:
+        return dict(self.stub.Status(pb.HealthMessage()).memory.breakdown)
+
+    def find(self, blob: bytes) -> pb.StoresFindResult:
+        return self.stub.StoresFind(pb.StoresFindOptions.FromString(blob))
+
+    def close(self) -> None:
+        self.channel.close()
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def alternate(ours, theirs, queries: list, rounds: int = 4) -> tuple[list[float], list[float]]:
+    """Time ``ours(q)`` and ``theirs(q)`` over ``queries`` in alternating rounds."""
+    a: list[float] = []
+    b: list[float] = []
+    per = max(1, len(queries) // rounds)
+    for r in range(rounds):
+        part = queries[r * per : (r + 1) * per]
+        for fn, out in ((ours, a), (theirs, b)):
+            for q in part:
+                t0 = time.perf_counter()
+                fn(q)
+                out.append(time.perf_counter() - t0)
+    return a, b
+
+
+def bench_wire(kind: str, n: int, nq: int, max_wait: float) -> None:
+    print(f"\n## Find over the wire, {kind} data, {n:,} x {DIM}, top-10 ({load()})")
+    data = make_data(kind, n, 1000)
+    qs = make_data(kind, nq, 999)
+    blobs = [pb.StoresFindOptions(Key=pb.StoresKey(Floats=q.tolist()), TopK=10).SerializeToString() for q in qs]
+    truth = [set(numpy_scan(data, q).tolist()) for q in qs]
+    server = Server([f"ann_threshold:{n // 2}"])
+    try:
+        t0 = time.perf_counter()
+        server.set(data)
+        print(f"  loaded in {time.perf_counter() - t0:.1f}s over gRPC; ANN build started at {n // 2:,} entries")
+
+        def ours(i: int) -> None:
+            server.find(blobs[i])
+
+        def numpy_default(i: int) -> None:
+            numpy_scan(data, qs[i])
+
+        during: list[float] = []
+        base_during: list[float] = []
+        i = 0
+        while server.breakdown().get("store_ann_building") and i < 50 * nq:
+            a, b = alternate(ours, numpy_default, [i % nq], rounds=1)
+            during += a
+            base_during += b
+            i += 1
+        t_build = time.perf_counter() - t0
+        if during:
+            print(f"  during the index build/probe ({len(during)} queries): ours {p50(during):6.2f} ms p50, "
+                  f"numpy in-process {p50(base_during):6.2f} ms -> ours/numpy {p50(during) / p50(base_during):4.2f}x")
+        waited = time.perf_counter()
+        while server.breakdown().get("store_ann_building") and time.perf_counter() - waited < max_wait:
+            time.sleep(0.5)
+        bd = server.breakdown()
+        if bd.get("store_ann_building"):
+            print(f"  (the builder was still running after waiting {max_wait:.0f}s more: a busy machine "
+                  f"starves a nice-19 thread; the figures below are still 'during')")
+        print(f"  builder done {time.perf_counter() - t0:.0f}s after loading began (measured for {t_build:.0f}s); "
+              f"ANN ef in use: {bd.get('store_ann_ef', 0) or 'none (exact scan kept)'}")
+        hits = 0
+        for j in range(nq):
+            r = server.find(blobs[j])
+            hits += len({int(v.Bytes) for v in r.Values} & truth[j])
+        a, b = alternate(ours, numpy_default, list(range(nq)))
+        with threadpool_limits(1, "blas"):
+            _, b1 = alternate(ours, numpy_default, list(range(nq)))
+        method = "ANN" if bd.get("store_ann_ef") else "exact"
+        print(f"  after: ours ({method}) {p50(a):6.2f} ms p50, recall@10 {hits / (10 * nq):.4f}; numpy in-process "
+              f"{p50(b):6.2f} ms (1 BLAS thread: {p50(b1):.2f}) -> ours/numpy {p50(a) / p50(b):4.2f}x")
+    finally:
+        server.close()
+    if kind == "clustered":  # the exact path over the wire on the same data
+        server = Server(["ann:off"])
+        try:
+            server.set(data)
+            a, b = alternate(lambda i: server.find(blobs[i]), lambda i: numpy_scan(data, qs[i]), list(range(nq)))
+            print(f"  exact (ann:off): ours {p50(a):6.2f} ms p50, numpy in-process {p50(b):6.2f} ms -> "
+                  f"ours/numpy {p50(a) / p50(b):4.2f}x")
+        finally:
+            server.close()
+
+
+def bench_inproc(n: int, nq: int) -> None:
+    print(f"\n## Exact Find in-process (no gRPC), random data, {n:,} x {DIM}, top-10 ({load()})")
+    data = make_data("random", n, 1000)
+    qs = make_data("random", nq, 999)
+    for scan in ("int8", "float32"):
+        store = VectorStore(None, StoreConfig(ann="off", scan=scan))
+        for s in range(0, n, 10_000):
+            store.set(data[s : s + 10_000], [b"%d" % (s + i) for i in range(len(data[s : s + 10_000]))])
+        a, b = alternate(lambda q, st=store: st.find(q, 10), lambda q: numpy_scan(data, q), list(qs))
+        print(f"  ours ({store.scan_kind} scan + exact re-scoring) {p50(a):6.2f} ms p50; numpy float32 scan "
+              f"{p50(b):6.2f} ms -> ours/numpy {p50(a) / p50(b):4.2f}x   (scan data {store.stats()['scan_bytes'] >> 20} MiB)")
+        store.close()
+
+
+def bench_set(n: int, batch: int = 1000) -> None:
+    print(f"\n## Set: {n:,} x {DIM} keys in StoresSet messages of {batch} ({load()})")
     data = make_data("random", n, 11)
-    blobs = []  # serialized requests: every pass parses them afresh, as the server does
+    blobs = []
     for s in range(0, n, batch):
         rows = data[s : s + batch].tolist()
         blobs.append(pb.StoresSetOptions(
@@ -86,9 +222,9 @@ def bench_set(n: int, batch: int) -> None:
         ).SerializeToString())
     ctx = CallContext("StoresSet")
 
-    def ours(path: str) -> float:
+    def ours(durable: bool) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings.load([], env={}).with_overrides(store_path=tmp if path else "")
+            settings = Settings.load([], env={}).with_overrides(store_path=tmp if durable else "")
             backend = LocalStoreBackend(settings)
             backend.load(pb.ModelOptions(Model="store://bench", Options=["ann:off"]), ctx)
             t0 = time.perf_counter()
@@ -104,120 +240,33 @@ def bench_set(n: int, batch: int) -> None:
         for blob in blobs:
             req = pb.StoresSetOptions.FromString(blob)
             chunks.append(np.array([k.Floats for k in req.Keys], dtype=np.float32))
-            _ = [v.Bytes for v in req.Values]
         np.concatenate(chunks)
         return time.perf_counter() - t0
 
-    # Alternating rounds, median of each: machine noise hits all three alike.
-    runs: dict[str, list[float]] = {"baseline": [], "memory": [], "durable": []}
-    for _ in range(3):
-        runs["baseline"].append(baseline())
-        runs["memory"].append(ours(""))
-        runs["durable"].append(ours("tmp"))
-    base = float(np.median(runs["baseline"]))
-    results = {k: float(np.median(v)) for k, v in runs.items() if k != "baseline"}
-    print(f"\n## Set: {n} x {DIM} keys in StoresSet messages of {batch} (parsing included; median of 3 rounds)")
-    print(f"  baseline (parse, protobuf -> numpy, append; no lookups): {n / base:10.0f} keys/s")
-    for label, secs in results.items():
-        print(f"  ours, {label:8s}: {n / secs:10.0f} keys/s   ({secs:.2f}s; baseline/ours time ratio {base / secs:.2f})")
-
-
-def bench_find(kind: str, sizes: list[int], ann_sizes: set[int], queries: int, exact: bool) -> None:
-    top_k = 10
-    cfg = StoreConfig(ann_threshold=10**12, ann_background=False)  # ANN builds only when asked
-    store = VectorStore(None, cfg)
-    qs = make_data(kind, queries, 999)
-    data_parts: list[np.ndarray] = []
-    have = 0
-    print(f"\n## Find top-{top_k}, data={kind}, {queries} queries per size (p50/p99 ms)")
-    for n in sizes:
-        part = make_data(kind, n - have, 1000 + n)
-        t0 = time.perf_counter()
-        for s in range(0, len(part), 10_000):
-            store.set(part[s : s + 10_000], [b"%d" % (have + s + i) for i in range(min(10_000, len(part) - s))])
-        load_s = time.perf_counter() - t0
-        data_parts.append(part)
-        have = n
-        keys = np.concatenate(data_parts) if len(data_parts) > 1 else data_parts[0]
-        data_parts = [keys]
-        nq = queries if n <= 100_000 else max(20, queries // 5)
-        line = f"  n={n:>9,}  (Set {n / max(load_s, 1e-9):,.0f} keys/s in 10k batches)"
-        print(line)
-        exact_answers = []
-        if exact:
-            lat_b: list[float] = []
-            for q in qs[: max(10, nq // 4) if n > 100_000 else nq]:
-                t0 = time.perf_counter()
-                baseline_find(keys, q, top_k)
-                lat_b.append(time.perf_counter() - t0)
-            # The same algorithm as ours with numpy's defaults (keys already unit length here,
-            # BLAS's own thread count): isolates what the kept matrix and one thread buy.
-            lat_p: list[float] = []
-            for q in qs[:nq]:
-                t0 = time.perf_counter()
-                sims = keys @ q
-                np.argpartition(sims, len(sims) - top_k)[-top_k:]
-                lat_p.append(time.perf_counter() - t0)
-        lat_e: list[float] = []
-        for q in qs[:nq]:
-            t0 = time.perf_counter()
-            r = store.exact_find(q, top_k)
-            lat_e.append(time.perf_counter() - t0)
-            exact_answers.append(set(r.values))
-        e50, e99 = pct(lat_e)
-        if exact:
-            b50, b99 = pct(lat_b)
-            print(f"    numpy brute force : p50 {b50:8.2f}  p99 {b99:8.2f}")
-            p50_, p99_ = pct(lat_p)
-            print(f"    numpy pre-normalised matrix, argpartition, default BLAS threads: p50 {p50_:8.2f}  p99 {p99_:8.2f}")
-            print(f"    ours exact        : p50 {e50:8.2f}  p99 {e99:8.2f}   baseline/ours p50 {b50 / e50:5.2f}x")
-        else:
-            print(f"    ours exact        : p50 {e50:8.2f}  p99 {e99:8.2f}")
-        if n in ann_sizes:
-            # A separate store, so the index does not slow the later (larger) sizes' inserts.
-            ann_store = VectorStore(None, cfg)
-            for s in range(0, n, 10_000):
-                ann_store.set(keys[s : s + 10_000], [b"%d" % (s + i) for i in range(min(10_000, n - s))])
-            t0 = time.perf_counter()
-            ann_store.build_index_now()
-            build_s = time.perf_counter() - t0
-            st = ann_store.stats()
-            print(f"    ANN build {build_s:.1f}s; calibration: {st['ann']}")
-            lat_a: list[float] = []
-            hits = 0
-            methods = set()
-            for q, want in zip(qs[:nq], exact_answers, strict=True):
-                t0 = time.perf_counter()
-                r = ann_store.find(q, top_k)
-                lat_a.append(time.perf_counter() - t0)
-                methods.add(r.method)
-                hits += len(set(r.values) & want)
-            a50, a99 = pct(lat_a)
-            recall = hits / (top_k * nq)
-            print(f"    ours Find ({'/'.join(sorted(methods))}): p50 {a50:8.2f}  p99 {a99:8.2f}   "
-                  f"recall@10 {recall:.4f}   exact/ANN p50 {e50 / a50:5.1f}x"
-                  + (f"   baseline/ours p50 {b50 / a50:6.1f}x" if exact else ""))
-            ann_store.close()
-            del ann_store
-        gc.collect()
-    store.close()
+    base, mem, dur = baseline(), ours(False), ours(True)
+    print(f"  baseline (parse, protobuf -> numpy, append): {n / base:9.0f} keys/s")
+    print(f"  ours, memory : {n / mem:9.0f} keys/s (baseline/ours time {base / mem:.2f})")
+    print(f"  ours, durable: {n / dur:9.0f} keys/s (baseline/ours time {base / dur:.2f})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="10k and 100k only, fewer queries")
-    ap.add_argument("--full", action="store_true", help="also build and measure the ANN at 1M keys")
-    ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--set-n", type=int, default=100_000)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--max-wait", type=float, default=300.0, help="longest wait for an index build, seconds")
+    ap.add_argument("--sections", default="wire,inproc", help="comma-separated: wire, inproc, set")
     args = ap.parse_args()
-    print(f"local-store bench: dim {DIM}, cpus {os.cpu_count()}, numpy {np.__version__}"
-          " (timings on a shared machine are noisy: rerun to confirm)")
-    sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
-    queries = 50 if args.quick else args.queries
-    bench_set(args.set_n if not args.quick else 20_000, 1000)
-    ann = {100_000} | ({1_000_000} if args.full else set())
-    bench_find("clustered", sizes, ann, queries, exact=True)
-    bench_find("random", [100_000], {100_000}, queries, exact=False)
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True)
+    print(f"local-store bench: dim {DIM}, cpus {os.cpu_count()}, {cpu.stdout.strip()}, numpy {np.__version__}; "
+          f"{load()} (a shared machine: compare the ratios, not the absolute figures)")
+    sections = args.sections.split(",")
+    if "wire" in sections:
+        bench_wire("random", args.n, args.queries, args.max_wait)
+        bench_wire("clustered", args.n, args.queries, args.max_wait)
+    if "inproc" in sections:
+        bench_inproc(args.n, args.queries)
+    if "set" in sections:
+        bench_set(min(args.n, 20_000))
 
 
 if __name__ == "__main__":

@@ -63,11 +63,11 @@ def test_probe_lets_clustered_data_build() -> None:
 
 def test_finds_answer_exactly_while_a_low_priority_build_runs() -> None:
     pytest.importorskip("hnswlib")
-    data = clustered(8000, 48, seed=6)
-    s = VectorStore(None, StoreConfig(ann_threshold=8000, ann_probe_size=0, ann_time_ratio=1e9))
+    data = clustered(3000, 32, seed=6)
+    s = VectorStore(None, StoreConfig(ann_threshold=3000, ann_probe_size=0, ann_time_ratio=1e9))
     s.set(data, [b"%d" % i for i in range(len(data))])  # starts the background build
     answered = 0
-    while s.stats()["ann"].startswith("building") and answered < 2000:
+    while s.stats()["ann"].startswith("building") and answered < 200:
         i = answered % len(data)
         r = s.find(data[i], 3)
         assert r.method == "exact" and r.values[0] == b"%d" % i

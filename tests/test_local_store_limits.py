@@ -129,9 +129,9 @@ async def test_full_disk_refuses_the_write_and_keeps_acknowledged_ones(tmp_path:
     full disk) on a real server: the failing Set answers RESOURCE_EXHAUSTED, nothing of it is
     applied, earlier writes stay readable, and a restart without the limit finds them all."""
     args = ["serve", "--host", "127.0.0.1", "--backend", "local-store", "--store-path", str(tmp_path),
-            "--model", "store://full", "--model-options", json.dumps({"Options": ["compact_bytes:4096"]})]
+            "--model", "store://full", "--model-options", json.dumps({"Options": ["compact_bytes:2048"]})]
     port = helpers.free_port()
-    cmd = ["prlimit", f"--fsize={16 * 1024}", sys.executable, "-m", "inferd.cli", *args, "--port", str(port)]
+    cmd = ["prlimit", f"--fsize={8 * 1024}", sys.executable, "-m", "inferd.cli", *args, "--port", str(port)]
     proc = helpers.start_listening(cmd, helpers.inferd_env())
     acked: list[int] = []
     try:

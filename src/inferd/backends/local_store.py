@@ -12,8 +12,9 @@ LoadModel
     with an LLM's name does not bind it to a vector store. Nothing is read from disk for
     a memory-only store; with ``--store-path DIR`` each name has its own directory under
     DIR (``_default`` for the default store) and its log is replayed. ``Options``
-    (``key:value``) tune the engine: ``ann`` (hnsw | off), ``ann_threshold``,
-    ``ann_recall``, ``ann_max_topk``, ``compact_bytes``.
+    (``key:value``) tune the engine: every field of ``StoreConfig`` (``ann``,
+    ``ann_threshold``, ``scan``, ``ann_build_nice``, ``compact_bytes``...), each bounded
+    (an absurd value fails the load naming ``Options.<name>``).
 
 Stores* without LoadModel
     LocalAI's Go store exists from process start and its Load only validates the
@@ -208,8 +209,11 @@ class LocalStoreBackend(Backend):
             st = store.stats()
             breakdown["store_entries"] = int(st["entries"])
             breakdown["store_key_bytes"] = int(st["key_bytes"])
+            breakdown["store_scan_bytes"] = int(st["scan_bytes"])
             breakdown["store_value_bytes"] = int(st["value_bytes"])
             breakdown["store_ann_bytes"] = int(st.get("ann_bytes", 0))
+            breakdown["store_ann_ef"] = int(st["ann_ef"] or 0)  # 0: the exact scan answers
+            breakdown["store_ann_building"] = int(st["ann_building"])
         return total, breakdown
 
     # ---- capabilities ----------------------------------------------------------------

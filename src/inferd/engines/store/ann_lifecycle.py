@@ -43,7 +43,7 @@ log = logging.getLogger("inferd.store")
 #: Entries held out of the graph as calibration queries (in-distribution, not findable
 #: through their own links: a query that is in the graph overstated recall, 0.99 vs 0.97).
 CALIBRATION_QUERIES = 200
-_CHUNK = 20_000  # rows copied per lock hold
+_CHUNK = 5_000  # rows copied per lock hold, and indexed between two checks for abandonment
 
 
 def lower_thread_priority(nice: int) -> None:

@@ -49,13 +49,17 @@ def quantize(unit_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     One scale per row (its largest component maps to 127) keeps the precision of rows
     whose energy is spread thin; the residual norm feeds the error bound above.
     """
-    amax = np.abs(unit_rows).max(axis=1)
+    amax = np.maximum(unit_rows.max(axis=1), -unit_rows.min(axis=1))
     amax[amax == 0] = 1.0
     step = amax / 127.0
-    codes = np.clip(np.rint(unit_rows / step[:, None]), -127, 127)
-    residual = codes * step[:, None] - unit_rows
-    err = np.sqrt(np.einsum("ij,ij->i", residual, residual)) * (1 + 1e-9)
-    return codes.astype(np.int8), step, err
+    scaled = unit_rows / step[:, None]  # the one temporary: the rest is in place
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, -127, 127, out=scaled)
+    codes = scaled.astype(np.int8)
+    scaled *= step[:, None]
+    scaled -= unit_rows  # the residual
+    err = np.sqrt(np.einsum("ij,ij->i", scaled, scaled)) * (1 + 1e-9)
+    return codes, step, err
 
 
 class Scanner:

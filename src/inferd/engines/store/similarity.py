@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Rows handled per step, so float64 temporaries stay a few MiB at any store size.
-CHUNK_ROWS = 4096
+#: Rows handled per step, so float64 temporaries stay small (cache-sized, and few fresh pages:
+#: page faults are expensive in a VM) at any store size.
+CHUNK_ROWS = 1024
 
 
 def fixed_sum(p: np.ndarray) -> np.ndarray:
@@ -55,7 +56,9 @@ def norms(mat: np.ndarray) -> np.ndarray:
 
 def unit(mat: np.ndarray, row_norms: np.ndarray) -> np.ndarray:
     """``mat / row_norms`` in float64: the unit form that both sides of a similarity use."""
-    return mat.astype(np.float64) / row_norms[:, None]
+    out = mat.astype(np.float64)
+    out /= row_norms[:, None]
+    return out
 
 
 def cosine_rows(keys: np.ndarray, key_norms: np.ndarray, query_unit: np.ndarray) -> np.ndarray:

@@ -43,6 +43,9 @@ from inferd.errors import InferdError, InvalidArgument
 
 log = logging.getLogger("inferd.store")
 
+#: How long close() (Free, LoadModel of another store) waits for an abandoned index build.
+CLOSE_WAIT_S = 5.0
+
 
 @dataclass(frozen=True)
 class StoreConfig:
@@ -220,6 +223,7 @@ class VectorStore:
             "value_bytes": t.value_bytes,
             "ann": self._ann.status,
             "ann_ef": self._ann.ef,
+            "ann_building": self._ann.running() is not None,
         }
         if ann_index is not None:
             out["ann_bytes"] = ann_index.nbytes()
@@ -248,10 +252,13 @@ class VectorStore:
                 self._compact()
 
     def close(self) -> None:
+        """Close the log; an index build in progress is abandoned (it stops at its next chunk)."""
         with self._lock:
             builder = self._ann.abandon()
         if builder is not None and builder is not threading.current_thread():
-            builder.join()
+            builder.join(CLOSE_WAIT_S)
+            if builder.is_alive():  # a niced builder on a busy machine: it gives up on its own
+                log.warning("store: the index builder is still finishing a chunk; not waiting for it")
         with self._lock:
             if self._wal is not None:
                 self._wal.close()
