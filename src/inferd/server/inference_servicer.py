@@ -37,6 +37,7 @@ from google.protobuf import json_format
 from inferd.backends.context import CallContext
 from inferd.backends.memory import release_memory
 from inferd.errors import InvalidArgument, NoModelLoaded, NotFound, Unsupported
+from inferd.limits import parse_json
 from inferd.proto import backend_pb2 as pb
 from inferd.proto import inference_pb2 as ipb
 from inferd.proto import inference_pb2_grpc
@@ -323,9 +324,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if command.action == A.LOAD:
                 options = pb.ModelOptions()
                 if command.options_json:
+                    # bounded parse first: deep nesting would be a RecursionError (INTERNAL) in json_format
+                    data = parse_json(command.options_json, "options_json")
                     try:
-                        json_format.Parse(command.options_json, options)
-                    except json_format.ParseError as exc:
+                        json_format.ParseDict(data, options)
+                    except (json_format.ParseError, AttributeError, TypeError, ValueError) as exc:
                         raise InvalidArgument(f"not a ModelOptions JSON: {exc}", "options_json") from None
                 if command.model:
                     options.Model = command.model
