@@ -14,6 +14,7 @@ are ungated), so ``Status`` stays READY and shows the jobs in its memory breakdo
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 from inferd.backends.context import CallContext
 from inferd.engines import finetune, quantize
 from inferd.engines.jobs import COMPLETED, Job, JobRunner, new_job_id
-from inferd.errors import InvalidArgument, NotFound
+from inferd.errors import FailedPrecondition, InvalidArgument, NotFound
 from inferd.paths import confine
 from inferd.proto import backend_pb2 as pb
 
@@ -85,7 +86,8 @@ class ModelOpsMixin:
                                           job_id, dict(request.extra_options), self.models_dir)
         log_path = plan.output.parent / f"{job_id}.quantize.log"
         self.jobs.submit("quantize", quantize.TASK, plan.params, job_id=job_id, log_path=log_path,
-                         cleanup=[plan.partial, Path(plan.params["converted"])], kill_on_stop=True)
+                         cleanup=[plan.partial, Path(plan.params["converted"])], kill_on_stop=True,
+                         start_status="converting" if plan.source.is_dir() else "quantizing")
         return pb.QuantizationJobResult(
             job_id=job_id, success=True,
             message=f"quantizing {plan.source.name} to {plan.type_name} -> {plan.output} (log {log_path})")
@@ -102,10 +104,12 @@ class ModelOpsMixin:
 
     # ---- fine-tuning ----------------------------------------------------------------------
     def start_fine_tune(self, request: pb.FineTuneRequest, ctx: CallContext) -> pb.FineTuneJobResult:
+        require_training_stack("StartFineTune")
         job_id = new_job_id(request.job_id)
         params = finetune.plan_finetune(request_fields(request), job_id, self.models_dir)
         log_path = Path(params["output_dir"]) / f"{job_id}.finetune.log"
-        self.jobs.submit("finetune", finetune.TASK, params, job_id=job_id, log_path=log_path)
+        self.jobs.submit("finetune", finetune.TASK, params, job_id=job_id, log_path=log_path,
+                         start_status="loading_model")
         counts = ", ".join(f"{n} {k}" for k, n in params["dataset_counts"].items() if n)
         return pb.FineTuneJobResult(
             job_id=job_id, success=True,
@@ -139,11 +143,12 @@ class ModelOpsMixin:
         if params["format"] == "lora":
             copied = finetune.copy_adapter(Path(params["checkpoint"]), Path(params["output"]))
             return pb.Result(success=True, message=f"copied {', '.join(copied)} to {params['output']}")
+        require_training_stack("ExportModel")
         job_id = f"export-{new_job_id('')}"
         output = Path(params["output"])
         log_path = (output.parent if output.suffix else output) / f"{job_id}.log"
         job = self.jobs.submit("export", finetune.EXPORT_TASK, params, job_id=job_id, log_path=log_path,
-                               queue=False)
+                               queue=False, start_status="saving")
         while not job.wait(0.2):
             if ctx.cancelled():
                 self.jobs.stop(job.id)
@@ -157,6 +162,14 @@ class ModelOpsMixin:
         self.jobs.stop(job.id, save_checkpoint)
         return pb.Result(success=True, message=f"stopping job {job.id}"
                          + (" (saving a checkpoint first)" if save_checkpoint else ""))
+
+
+def require_training_stack(rpc: str) -> None:
+    """FailedPrecondition (with the fix) when the finetune extra is not installed."""
+    missing = [m for m in ("torch", "transformers", "peft", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FailedPrecondition(f"{rpc} needs {', '.join(missing)}: install the finetune extra "
+                                 "(pip install 'inferd[finetune]' or scripts/setup_env.sh --test)")
 
 
 def request_fields(message: Any) -> dict[str, Any]:

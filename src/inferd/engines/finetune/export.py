@@ -81,12 +81,11 @@ def plan_export(checkpoint_path: str, output_path: str, export_format: str, quan
         qtype = parse_ftype(qtype or "f16", "quantization_method")[0]
 
     if fmt in ("gguf_lora", "gguf"):
-        if output.is_dir():
+        if output.suffix.lower() != ".gguf":  # a directory to write the file into
+            if output.exists() and not output.is_dir():
+                raise InvalidArgument("give a path ending in .gguf, or a directory", "output_path")
             suffix = "lora-" if fmt == "gguf_lora" else ""
             output = output / f"{checkpoint.parent.name}-{checkpoint.name}-{suffix}{qtype}.gguf"
-        elif output.suffix.lower() != ".gguf":
-            raise InvalidArgument("a GGUF export is a file: give a path ending in .gguf or a directory",
-                                  "output_path")
         _mkdir(output.parent)
     else:
         if output.exists() and not output.is_dir():

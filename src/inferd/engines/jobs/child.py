@@ -104,8 +104,11 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.stdout.flush()
-    code = main(sys.argv[1:])
+    # Run main() from the importable module, not __main__: the tasks raise
+    # inferd.engines.jobs.child.JobStopped/JobFailed, which must be the classes caught here.
+    from inferd.engines.jobs import child as _module
+
+    code = _module.main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip interpreter teardown (torch/llama atexit hooks can hang or crash)

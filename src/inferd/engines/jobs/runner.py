@@ -34,7 +34,7 @@ from typing import Any
 import psutil
 
 from inferd.engines.jobs.child import EXIT_STOPPED
-from inferd.engines.jobs.job import COMPLETED, FAILED, QUEUED, STOPPED, TERMINAL, Job
+from inferd.engines.jobs.job import COMPLETED, FAILED, STOPPED, TERMINAL, Job
 from inferd.errors import AlreadyExists, InvalidArgument, NotFound
 
 log = logging.getLogger("inferd.jobs")
@@ -58,11 +58,13 @@ def new_job_id(requested: str, field: str = "job_id") -> str:
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a job's child: offline model hubs, this inferd first on the path."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH", "")) if p)
+    extra = dict(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_SRC_ROOT, extra.pop("PYTHONPATH", ""), env.get("PYTHONPATH", "")) if p)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                 "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DISABLE_TQDM": "1"})
-    env.update(extra or {})
+    env.update(extra)
     return env
 
 
@@ -95,9 +97,11 @@ class JobRunner:
         """Counts and each running child's RSS, for Status's memory breakdown."""
         out = {"jobs_running": 0, "jobs_queued": 0}
         for job in self.jobs():
-            if job.status == QUEUED and not job.finished:
+            if job.finished:
+                continue
+            if job.started is None:
                 out["jobs_queued"] += 1
-            elif not job.finished:
+            else:
                 out["jobs_running"] += 1
                 if job.pid:
                     with contextlib.suppress(psutil.Error):
@@ -107,10 +111,11 @@ class JobRunner:
     # ---- starting -------------------------------------------------------------------------
     def submit(self, kind: str, target: str, params: dict[str, Any], *, job_id: str, log_path: Path,
                cleanup: list[Path] | None = None, kill_on_stop: bool = False, queue: bool = True,
-               on_end: Callable[[Job], None] | None = None) -> Job:
+               start_status: str = "running", on_end: Callable[[Job], None] | None = None) -> Job:
         """Register and start a job; ``target`` is the child's ``module:function``.
 
         ``queue=False`` runs it at once whatever else runs (a short export a caller waits for).
+        ``start_status`` is published when its process starts (the kind's first status word).
         """
         job = Job(job_id, kind, params, log_path, cleanup)
         with self._lock:
@@ -123,7 +128,7 @@ class JobRunner:
             self._jobs[job_id] = job
             self._kill_on_stop[job_id] = kill_on_stop
             self._forget_old()
-        threading.Thread(target=self._run, args=(job, target, queue, on_end),
+        threading.Thread(target=self._run, args=(job, target, queue, start_status, on_end),
                          name=f"job-{job_id}", daemon=True).start()
         return job
 
@@ -133,7 +138,8 @@ class JobRunner:
             self._jobs.pop(job.id, None)
             self._kill_on_stop.pop(job.id, None)
 
-    def _run(self, job: Job, target: str, queue: bool, on_end: Callable[[Job], None] | None) -> None:
+    def _run(self, job: Job, target: str, queue: bool, start_status: str,
+             on_end: Callable[[Job], None] | None) -> None:
         slot = False
         try:
             if queue:
@@ -144,7 +150,7 @@ class JobRunner:
             if job.stop_requested:
                 job.publish({"status": STOPPED, "message": "stopped before it started"})
                 return
-            self._run_child(job, target)
+            self._run_child(job, target, start_status)
         except Exception as exc:  # noqa: BLE001 - a runner error fails the job, not the server
             log.exception("job %s failed to run", job.id)
             job.publish({"status": FAILED, "message": f"could not run the job: {type(exc).__name__}: {exc}"})
@@ -161,7 +167,7 @@ class JobRunner:
                 with contextlib.suppress(Exception):
                     on_end(job)
 
-    def _run_child(self, job: Job, target: str) -> None:
+    def _run_child(self, job: Job, target: str, start_status: str) -> None:
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
         read_fd, write_fd = os.pipe()
         with open(job.log_path, "ab") as logf:
@@ -176,6 +182,7 @@ class JobRunner:
             finally:
                 os.close(write_fd)
         job.pid, job.started = proc.pid, time.time()
+        job.publish({"status": start_status, "message": f"started (pid {proc.pid}); log {job.log_path}"})
         with self._lock:
             self._procs[job.id] = proc
         assert proc.stdin is not None
