@@ -392,19 +392,33 @@ async def test_audio_dir_confines_tts_output_and_transcription_input(piper, whis
 
 
 # ---- cancellation ----------------------------------------------------------------------------
-# The engines check for cancellation between units (a sentence, a 30 s whisper window) that
-# cannot be interrupted, so "stopped" means: idle within about one unit after the cancel,
-# long before the rest of the input would have been processed. Bounds are relative to the
-# time the first unit took, so a busy machine does not make them flaky.
-async def _wait_idle(backend, seconds: float) -> float:
+# A stream is pulled one reply at a time, so a cancelled stream is closed after the unit in
+# progress (a sentence, a 30 s whisper window); a unary call runs every unit in one worker
+# call, so there the engines' own checks between units are what stop it (a deadline here).
+# The units the engine really ran are counted (a wrapper around the per-unit model call), so
+# "stopped" is measured, not guessed from timing.
+async def _wait_idle(backend, seconds: float = 60.0) -> None:
     t0 = time.monotonic()
     while backend.busy():
-        assert time.monotonic() - t0 < seconds, "the work went on after the stream was cancelled"
+        assert time.monotonic() - t0 < seconds, "the call never ended"
         await asyncio.sleep(0.02)
-    return time.monotonic() - t0
 
 
-async def test_cancelling_tts_stream_stops_synthesis(piper):
+def _count_calls(monkeypatch, obj, method: str) -> list[int]:
+    counter = [0]
+    original = getattr(obj, method)
+
+    def counting(*args, **kwargs):
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, method, counting)
+    return counter
+
+
+async def test_cancelling_tts_stops_synthesis(piper, tmp_path, monkeypatch):
+    voice = piper.engine._voice(piper.engine.default)
+    sentences = _count_calls(monkeypatch, voice, "phoneme_ids_to_audio")
     text = " ".join(f"This is sentence number {i} of a long story." for i in range(40))
     async with running_server(piper) as server:
         client = await _client(server)
@@ -413,15 +427,27 @@ async def test_cancelling_tts_stream_stops_synthesis(piper):
         async for reply in stream:
             if reply.audio:
                 break
-        first = time.monotonic() - t0  # about one sentence; 40 take ~40x that
+        first = time.monotonic() - t0  # about one sentence
         await stream.aclose()
-        await _wait_idle(piper, 3 * first + 1.0)
+        await _wait_idle(piper)
+        assert sentences[0] <= 3, sentences  # of 40
+        sentences[0] = 0
+        dst = tmp_path / "long.wav"
+        with pytest.raises(RpcError) as exc:
+            await client.tts(text=text, dst=str(dst), timeout=3 * first)
+        assert exc.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _wait_idle(piper)
+        assert 1 <= sentences[0] < 20, sentences  # stopped at the deadline, not after 40
+        assert not dst.exists()  # the WAV is written whole or not at all
         await client.close()
 
 
-async def test_cancelling_transcription_stream_stops_decoding(whisper, speech, tmp_path):
+async def test_cancelling_transcription_stops_decoding(whisper, speech, tmp_path, monkeypatch):
+    windows = _count_calls(monkeypatch, whisper.engine.model, "generate_with_fallback")
     samples = load_audio(speech, 16000)
-    long_audio = np.tile(np.concatenate([samples, np.zeros(8000, np.float32)]), 20)  # ~65 s: 3 windows
+    # 6 windows of 30 s, one sentence each (repeating speech back to back would trip whisper's
+    # compression-ratio fallback and re-decode every window up to 6 times)
+    long_audio = np.tile(np.concatenate([samples, np.zeros(30 * 16000 - samples.size, np.float32)]), 6)
     path = tmp_path / "long.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -435,9 +461,16 @@ async def test_cancelling_transcription_stream_stops_decoding(whisper, speech, t
         async for reply in stream:
             assert reply.delta
             break
-        first = time.monotonic() - t0  # one 30 s window; two more remain
+        first = time.monotonic() - t0  # one 30 s window (plus reading the file)
         await stream.aclose()
-        await _wait_idle(whisper, 1.5 * first + 1.0)
+        await _wait_idle(whisper)
+        assert windows[0] <= 2, windows  # of 6
+        windows[0] = 0
+        with pytest.raises(RpcError) as exc:
+            await client.audio_transcription(dst=str(path), timeout=first)
+        assert exc.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _wait_idle(whisper)
+        assert windows[0] <= 3, windows
         await client.close()
 
 
