@@ -334,6 +334,19 @@ DELIBERATE = frozenset({
     grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED,
 })
+#: UNAVAILABLE is deliberate when the server says why (the lifecycle gate: "model is being
+#: loaded"); these details mean the transport failed instead (a dead or reset server).
+TRANSPORT_MARKERS = ("Socket closed", "Connection reset", "failed to connect", "Connection refused",
+                     "recvmsg", "Broken pipe", "GOAWAY", "Stream removed", "connection attempt timed out")
+#: Loading a model legitimately takes seconds: the lifecycle rpcs get this deadline instead.
+LIFECYCLE_DEADLINE = 60.0
+
+
+def deliberate(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a status is one a server chose (not INTERNAL/UNKNOWN, not a broken transport)."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return bool(details) and not any(m in details for m in TRANSPORT_MARKERS)
+    return code in DELIBERATE
 
 
 @dataclass
@@ -390,12 +403,14 @@ def call_raw(channel: grpc.Channel, rpc: Rpc, data: bytes, timeout: float) -> tu
 
 
 def run_case(channel: grpc.Channel, rpc: Rpc, case: Case, deadline: float, slack: float) -> tuple[str, Finding | None]:
+    if rpc.name in ("LoadModel", "Free"):
+        deadline = max(deadline, LIFECYCLE_DEADLINE)
     start = time.monotonic()
     code, details, replies = call_raw(channel, rpc, case.data, deadline)
     elapsed = time.monotonic() - start
     problem = None
-    if code not in DELIBERATE:
-        problem = details
+    if not deliberate(code, details):
+        problem = details or "(no details)"
     elif elapsed > deadline + slack:
         problem = f"reply after {elapsed:.2f}s, deadline {deadline}s; {details}"
     else:

@@ -17,11 +17,13 @@ Used by tests/reliability/test_soak.py (one short level) and bench/soak.py (16/6
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import statistics
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import psutil
@@ -68,11 +70,25 @@ class ProcessSample:
     rss: int
     threads: int
     fds: int
+    thread_names: Counter = field(default_factory=Counter, repr=False)
+
+    def thread_diff(self, later: ProcessSample) -> dict[str, int]:
+        """Threads by kernel name that ``later`` has more of (grpc names its pools; Python's are "python")."""
+        return {k: later.thread_names[k] - self.thread_names.get(k, 0)
+                for k in later.thread_names if later.thread_names[k] > self.thread_names.get(k, 0)}
+
+
+def thread_names(pid: int) -> Counter:
+    names: Counter = Counter()
+    for comm in Path(f"/proc/{pid}/task").glob("*/comm"):
+        with contextlib.suppress(OSError):
+            names[comm.read_text().strip()] += 1
+    return names
 
 
 def sample(server: ServerProc) -> ProcessSample:
     p = psutil.Process(server.proc.pid)
-    return ProcessSample(p.memory_info().rss, p.num_threads(), p.num_fds())
+    return ProcessSample(p.memory_info().rss, p.num_threads(), p.num_fds(), thread_names(p.pid))
 
 
 @dataclass
@@ -178,7 +194,7 @@ async def _settle(servers: dict[str, ServerProc], baseline: dict[str, ServerFigu
 
 
 async def run_level(servers: dict[str, ServerProc], clients: int, seconds: float, *,
-                    timeout: float = 60.0, channels_per_server: int = 8, settle: float = 10.0) -> LevelResult:
+                    timeout: float = 60.0, channels_per_server: int = 8, settle: float = 15.0) -> LevelResult:
     """Run ``clients`` concurrent clients for ``seconds``; sample the servers as described above."""
     result = LevelResult(clients, seconds)
     for name, server in servers.items():

@@ -92,6 +92,17 @@ async def _settled(server: ServerProc, timeout: float = 10.0) -> pb.StatusRespon
         await asyncio.sleep(0.05)
 
 
+async def _slots_free(server: ServerProc, timeout: float = 10.0) -> dict:
+    """llama-cpp's slot counters (GetMetrics), polled until no slot is active or waiting."""
+    end = time.monotonic() + timeout
+    while True:
+        metrics = server.unary("GetMetrics", pb.MetricsRequest(), timeout=5)
+        slots = json.loads(metrics.prompt_json_for_slot)  # type: ignore[attr-defined]
+        if (slots.get("active") == 0 and slots.get("waiting") == 0) or time.monotonic() > end:
+            return slots
+        await asyncio.sleep(0.05)
+
+
 async def test_llama_generations_cut_at_random_points(trio) -> None:
     server = trio["llama-cpp"]
     async with grpc.aio.insecure_channel(server.address) as channel:
@@ -103,9 +114,8 @@ async def test_llama_generations_cut_at_random_points(trio) -> None:
     assert "CANCELLED" in outcomes or "DEADLINE_EXCEEDED" in outcomes
     status = await _settled(server)
     assert status.state == pb.StatusResponse.READY, pb.StatusResponse.State.Name(status.state)
-    metrics = server.unary("GetMetrics", pb.MetricsRequest(), timeout=5)
-    slots = json.loads(metrics.prompt_json_for_slot)  # type: ignore[attr-defined]
-    assert slots.get("active") == 0 and slots.get("waiting") == 0, slots
+    slots = await _slots_free(server)
+    assert slots.get("active") == 0 and slots.get("waiting") == 0, f"slots still held 10 s after the storm: {slots}"
     async with grpc.aio.insecure_channel(server.address) as channel:
         after = await _timed(channel, "Predict", GENERATION)
     print(f"\nbaseline {baseline * 1000:.0f} ms, after the storm {after * 1000:.0f} ms; outcomes "

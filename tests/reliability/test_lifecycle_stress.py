@@ -24,6 +24,7 @@ import pytest
 from google.protobuf.message import Message
 
 from inferd.proto import backend_pb2 as pb
+from tests.reliability.fuzzing import deliberate
 from tests.reliability.servers import BackendUnavailable, ServerProc, serving
 
 SECONDS = float(os.environ.get("INFERD_STRESS_SECONDS", "60"))
@@ -51,9 +52,6 @@ HAMMER: dict[str, list[tuple[str, Message]]] = {
     ],
 }
 DELIBERATE = frozenset({"OK", "FAILED_PRECONDITION", "ABORTED", "CANCELLED", "RESOURCE_EXHAUSTED"})
-# UNAVAILABLE is both the gate's "model is being unloaded" and a dead transport; these are the latter.
-TRANSPORT_MARKERS = ("Socket closed", "Connection reset", "failed to connect", "Connection refused",
-                     "recvmsg", "Broken pipe", "GOAWAY", "Stream removed")
 
 
 class Tally:
@@ -63,8 +61,7 @@ class Tally:
         self.bad: list[str] = []
 
     def add(self, backend: str, rpc: str, code: grpc.StatusCode, details: str) -> None:
-        ok = code.name in DELIBERATE or (
-            code == grpc.StatusCode.UNAVAILABLE and not any(m in details for m in TRANSPORT_MARKERS))
+        ok = code.name in DELIBERATE or (code == grpc.StatusCode.UNAVAILABLE and deliberate(code, details))
         with self.lock:
             self.codes[f"{backend} {rpc} {code.name}"] += 1
             if not ok and len(self.bad) < 30:
@@ -95,6 +92,8 @@ def _hammer(server: ServerProc, stop: threading.Event, tally: Tally, seed: int) 
         rpc, request = rng.choice(calls)
         code, details = _call(server, rpc, request)
         tally.add(server.backend, rpc, code, details)
+        if code != grpc.StatusCode.OK:
+            time.sleep(0.005)  # refused while the model is away: retry soon, without spinning a core
 
 
 def _cycle(server: ServerProc, stop: threading.Event, tally: Tally, failures: list[str], seed: int) -> None:

@@ -26,7 +26,9 @@ async def test_sixteen_clients_mixing_rpcs_leave_no_trace(trio) -> None:
         assert figures.rss_growth < 0.05, f"{name}: RSS grew {figures.rss_growth:.1%} after warm-up"
         after = figures.idle_after
         assert after is not None
-        assert after.threads <= figures.idle_before.threads, f"{name}: threads {figures.idle_before} -> {after}"
+        assert after.threads <= figures.idle_before.threads, (
+            f"{name}: threads {figures.idle_before.threads} -> {after.threads}, more of "
+            f"{figures.idle_before.thread_diff(after)}")
         assert after.fds <= figures.idle_before.fds, f"{name}: fds {figures.idle_before} -> {after}"
     for server in trio.values():
         assert server.alive() and server.health()

@@ -21,7 +21,7 @@ import concurrent.futures
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -216,11 +216,23 @@ class ModelProxy:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
-                return getattr(self._manager.client(self._name), attr)(*args, **kwargs)
+                result = getattr(self._manager.client(self._name), attr)(*args, **kwargs)
             except RpcError as exc:
                 if exc.code == grpc.StatusCode.UNAVAILABLE:
                     self._manager._settle(self._name)
                 raise
+            if isinstance(result, Iterator) and not isinstance(result, (str, bytes)):
+                return self._watch_stream(result)
+            return result
 
         call.__name__ = attr
         return call
+
+    def _watch_stream(self, stream: Iterator[Any]) -> Iterator[Any]:
+        """A stream's UNAVAILABLE surfaces while iterating: settle then too, so the next call restarts."""
+        try:
+            yield from stream
+        except RpcError as exc:
+            if exc.code == grpc.StatusCode.UNAVAILABLE:
+                self._manager._settle(self._name)
+            raise
