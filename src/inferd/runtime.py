@@ -29,12 +29,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import psutil
-
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
-from inferd.errors import InferdError, NoModelLoaded, NotFound, Unavailable, Unsupported
+from inferd.errors import Cancelled, DeadlineExceeded, InferdError, NoModelLoaded, Unavailable, Unsupported
 from inferd.lifecycle import LOADING, UNLOADING, Lease, Writer, consume_result
+from inferd.memory_probe import MemoryProbe
+from inferd.model_identity import MODEL_IDENTITY_KEY, check_model_identity
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import RPCS
 
@@ -46,13 +46,9 @@ log = logging.getLogger("inferd.runtime")
 UNGATED = frozenset({"Health", "Status", "GetMetrics", "FineTuneProgress", "QuantizationProgress"})
 
 _HEALTH_REPLY = pb.Reply(message=b"OK")
-# Metadata form of LocalAI's model identity, for clients whose stubs lack the field.
-MODEL_IDENTITY_KEY = "x-model-identity"
 _SENTINEL = object()
 #: How long a cancelled caller waits for its worker thread to stop before returning.
 CANCEL_WAIT_S = 5.0
-#: How long Status waits for the memory probes (NVML, torch.cuda) before answering RSS only.
-PROBE_TIMEOUT_S = 2.0
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_LOAD_TIMEOUT_S = 600.0
 
@@ -68,9 +64,7 @@ class BackendRuntime:
         self.drain_timeout = drain_timeout
         self.load_timeout = load_timeout
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="inferd-work")
-        # Status's probes get their own thread: a pool full of model work must not delay them.
-        self._probe_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferd-probe")
-        self._probe: asyncio.Future | None = None
+        self._probe = MemoryProbe(backend.memory)
         self._supported = {name: backend.supports(name) for name in RPCS}
         self._listeners: list[Callable[[bool], None]] = []
         self._background: set[asyncio.Task] = set()
@@ -89,7 +83,7 @@ class BackendRuntime:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self._probe_executor.shutdown(wait=False, cancel_futures=True)
+        self._probe.shutdown()
 
     # ---- entry points -----------------------------------------------------------
     def health(self) -> pb.Reply:
@@ -108,18 +102,13 @@ class BackendRuntime:
         if rpc in UNGATED:
             return await self._call(fn, request, ctx, None)
         async with self._lease(rpc, request, ctx, streaming=False) as lease:
-            try:
-                return await self._call(fn, request, ctx, lease)
-            except Exception as exc:
-                if ctx.revoked:
-                    raise Unavailable(f"{rpc}: {ctx.revoked}") from exc
-                raise
+            return await self._call(fn, request, ctx, lease)
 
     async def stream(self, rpc: str, request: Any, ctx: CallContext) -> AsyncIterator[Any]:
         """Yield the replies of a server-streaming rpc; closing the iterator cancels it.
 
         A stream withdrawn by LoadModel/Free ends with ``Unavailable`` ("model is being
-        unloaded"), whether the backend noticed ``ctx.cancelled()`` or not.
+        unloaded"), whether the backend noticed ``ctx.cancelled()`` or not (``_lease``).
         """
         fn = self._resolve(rpc)
         if rpc in UNGATED:
@@ -127,15 +116,8 @@ class BackendRuntime:
                 yield item
             return
         async with self._lease(rpc, request, ctx, streaming=True) as lease:
-            try:
-                async for item in self._iterate(fn, request, ctx, lease):
-                    yield item
-            except Exception as exc:
-                if ctx.revoked:
-                    raise Unavailable(f"{rpc}: {ctx.revoked}") from exc
-                raise
-            if ctx.revoked:
-                raise Unavailable(f"{rpc}: {ctx.revoked}")
+            async for item in self._iterate(fn, request, ctx, lease):
+                yield item
 
     async def _call(self, fn: Callable[..., Any], request: Any, ctx: CallContext, lease: Lease | None) -> Any:
         if inspect.iscoroutinefunction(fn):
@@ -180,25 +162,13 @@ class BackendRuntime:
 
     async def status_async(self) -> pb.StatusResponse:
         """The Status rpc: the memory probes run off the event loop, bounded by ``PROBE_TIMEOUT_S``."""
-        total, breakdown = await self._memory()
+        total, breakdown = await self._probe.memory()
         return pb.StatusResponse(state=self._state(), memory=pb.MemoryUsageData(total=total, breakdown=breakdown))
 
     def status(self) -> pb.StatusResponse:
         """Blocking form (NVML/torch probes run in the calling thread): not for the event loop."""
         total, breakdown = self.backend.memory()
         return pb.StatusResponse(state=self._state(), memory=pb.MemoryUsageData(total=total, breakdown=breakdown))
-
-    async def _memory(self) -> tuple[int, dict[str, int]]:
-        loop = asyncio.get_running_loop()
-        probe = self._probe
-        if probe is None or probe.done():  # concurrent Status calls share one probe
-            probe = self._probe = loop.run_in_executor(self._probe_executor, self.backend.memory)
-        try:
-            return await asyncio.wait_for(asyncio.shield(probe), PROBE_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("Status: memory probes (NVML/torch) took over %.1fs; answering RSS only", PROBE_TIMEOUT_S)
-            rss = psutil.Process().memory_info().rss
-            return int(rss), {"rss": int(rss)}
 
     async def load_model(self, options: pb.ModelOptions, ctx: CallContext) -> pb.Result:
         """Close the gate, drain, unload the old model, load the new one, reopen the gate.
@@ -311,14 +281,7 @@ class BackendRuntime:
         ``Unavailable``), and the model is not unloaded until the body has left.
         """
         async with self._lease(name, None, ctx, streaming) as lease:
-            try:
-                yield lease
-            except Exception as exc:
-                if ctx.revoked:
-                    raise Unavailable(f"{name}: {ctx.revoked}") from exc
-                raise
-            if ctx.revoked and streaming:
-                raise Unavailable(f"{name}: {ctx.revoked}")
+            yield lease
 
     # ---- the calling rules ------------------------------------------------------
     def _resolve(self, rpc: str) -> Callable[..., Any]:
@@ -335,7 +298,13 @@ class BackendRuntime:
 
     @contextlib.asynccontextmanager
     async def _lease(self, rpc: str, request: Any, ctx: CallContext, streaming: bool) -> AsyncIterator[Lease]:
-        """Hold the gate (and the call lock of a non-parallel backend) for one model call."""
+        """Hold the gate (and the call lock of a non-parallel backend) for one model call.
+
+        Also says why a call that ended early ended, in the caller's terms: withdrawn by
+        LoadModel/Free -> ``Unavailable`` (a stream also when it ended "normally" after the
+        withdrawal: its replies are cut short); stopped because its deadline passed ->
+        ``DeadlineExceeded`` rather than ``Cancelled``.
+        """
         lease = self.gate.enter(ctx, streaming)
         try:
             self.backend._enter()
@@ -347,46 +316,23 @@ class BackendRuntime:
                 if ctx.revoked:  # withdrawn while queued behind the lock
                     raise Unavailable(f"{rpc}: {ctx.revoked}")
             self._check_model(rpc, request, ctx)
-            yield lease
+            try:
+                yield lease
+            except Exception as exc:
+                stopped = _why_stopped(rpc, ctx, exc)
+                if stopped is exc:
+                    raise
+                raise stopped from exc
+            if streaming and ctx.revoked:
+                raise Unavailable(f"{rpc}: {ctx.revoked}")
         finally:
             if not lease.deferred:
                 lease.release()
 
     def check_identity(self, claimed: str | None, request: Any = None) -> None:
-        """Refuse a call meant for another model (LocalAI's model-identity convention).
-
-        LocalAI (``pkg/grpc/server.go`` ``checkModelIdentity``, ``backend/python/common/
-        model_identity.py``) sends the model a request is for in the request message's
-        own ``ModelIdentity`` field (PredictOptions = 54, ...; set from the same
-        ``ModelConfig.Model`` that became ``ModelOptions.Model`` at LoadModel) so a
-        backend reached through a recycled port refuses instead of answering from the
-        wrong model. Our stubs predate the field, so it is read from the message's
-        unknown fields by number. ``claimed`` is the same value sent as metadata
-        (``MODEL_IDENTITY_KEY``) by clients whose stubs lack the field.
-
-        Either side empty skips the check (an older LocalAI, a load that named no
-        model): a false rejection is worse than the miss. A mismatch is NOT_FOUND with
-        "model identity mismatch" in the message: LocalAI's router requires both
-        (``grpcerrors.IsModelMismatch``) before it drops its stale route.
-        """
-        requested = claimed or ""
-        if not requested and request is not None:
-            requested = getattr(request, "ModelIdentity", "") or ""
-            number = {  # LocalAI's field numbers (backend/backend.proto)
-                "PredictOptions": 54, "TranscriptRequest": 11, "GenerateImageRequest": 13,
-                "GenerateVideoRequest": 15, "TTSRequest": 8, "VADRequest": 2,
-                "SoundGenerationRequest": 18, "DetectOptions": 6, "RerankRequest": 4,
-            }.get(type(request).__name__)
-            if not requested and number is not None:
-                from google.protobuf.unknown_fields import UnknownFieldSet
-
-                for f in UnknownFieldSet(request):
-                    if f.field_number == number and f.wire_type == 2:  # length-delimited string
-                        requested = bytes(f.data).decode("utf-8", "replace")
+        """LocalAI's model-identity check against the loaded model (``inferd.model_identity``)."""
         loaded = self.backend.model_name if self.backend.loaded else ""
-        if requested and loaded and requested != loaded:
-            raise NotFound(f"{self.backend.name}: model identity mismatch: loaded {loaded!r}, "
-                           f"requested {requested!r}")
+        check_model_identity(self.backend.name, loaded, claimed, request)
 
     async def _run_blocking(self, ctx: CallContext, fn: Callable[..., Any], *args: Any,
                             lease: Lease | None = None) -> Any:
@@ -405,6 +351,14 @@ class BackendRuntime:
                 else:
                     fut.add_done_callback(consume_result)
             raise
+
+
+def _why_stopped(rpc: str, ctx: CallContext, exc: Exception) -> Exception:
+    if ctx.revoked:
+        return Unavailable(f"{rpc}: {ctx.revoked}")
+    if isinstance(exc, Cancelled) and ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+        return DeadlineExceeded(f"{rpc}: deadline exceeded")
+    return exc
 
 
 async def _wait_bounded(fut: asyncio.Future, timeout: float) -> bool:
