@@ -150,3 +150,27 @@ def test_session_decoders_are_bounded_and_expire():
     for sid in ("a", "b", "c"):
         codec.decode(frames, {"session_id": sid})
     assert codec.sessions() <= 2
+
+
+def test_vad_segmenter_rules_on_known_probabilities():
+    """The online segmenter alone (no model): hysteresis, minimum silence, padding, gap splitting."""
+    from inferd.engines.audio.vad import WINDOW, Segmenter, VadConfig
+
+    def run(probs, **cfg):
+        seg = Segmenter(VadConfig(**cfg))
+        out = [r for p in probs for r in seg.push(p)]
+        return out + seg.finish(len(probs) * WINDOW)
+
+    speech, quiet = [0.9] * 20, [0.05] * 20  # 20 windows = 640 ms
+    # a 64 ms dip (2 windows) is shorter than min_silence 100 ms: one segment, padded 30 ms (480 samples)
+    assert run(quiet + speech + [0.05] * 2 + speech + quiet) == [(20 * WINDOW - 480, 62 * WINDOW + 480)]
+    # between thresholds (0.35..0.5) keeps speech going (hysteresis)
+    assert len(run(quiet + speech + [0.4] * 10 + speech + quiet)) == 1
+    # a long gap splits; a gap shorter than two pads is shared between the two segments
+    two = run(quiet + speech + [0.05] * 5 + speech + quiet, min_silence_ms=50, speech_pad_ms=100)
+    assert len(two) == 2 and two[0][1] == two[1][0]  # 160 ms gap < 2 x 100 ms: split in the middle
+    # too short to be speech
+    assert run(quiet + [0.9] * 5 + quiet) == []
+    # max_speech_s cuts a long run into bounded pieces
+    pieces = run(quiet + [0.9] * 200 + quiet, max_speech_s=1.0, speech_pad_ms=0)
+    assert len(pieces) >= 6 and all(e - s <= 16000 for s, e in pieces)

@@ -25,6 +25,7 @@ call in flight (the old engine is released when its last call ends).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -142,7 +143,7 @@ def load_options(options: pb.ModelOptions, spec: dict[str, type]) -> dict[str, A
             out[key] = option_int(key, value)
         elif kind is float:
             number = option_float(key, value)
-            if number != number or number in (float("inf"), float("-inf")):
+            if not math.isfinite(number):
                 raise LoadError(f"Options: {key} must be a finite number, got {value!r}")
             out[key] = number
         elif kind is str:

@@ -57,10 +57,6 @@ def float_to_int16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
-def int16_to_float(samples: np.ndarray) -> np.ndarray:
-    return samples.astype(np.float32) / 32768.0
-
-
 def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
     """A complete mono 16-bit WAV file holding ``pcm`` (int16)."""
     buf = io.BytesIO()
@@ -95,16 +91,3 @@ def resample_int16(pcm: np.ndarray, src_rate: int, dst_rate: int, channels: int 
     out = [f.to_ndarray().reshape(-1, channels) for f in (*resampler.resample(frame), *resampler.resample(None))]
     return np.concatenate(out) if out else np.zeros((0, channels), dtype=np.int16)
 
-
-def resample_float(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Resample mono float32 from ``src_rate`` to ``dst_rate`` (libswresample)."""
-    if src_rate == dst_rate or samples.size == 0:
-        return samples
-    import av
-
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=dst_rate)
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32).reshape(1, -1),
-                                       format="flt", layout="mono")
-    frame.sample_rate = src_rate
-    out = [f.to_ndarray().reshape(-1) for f in (*resampler.resample(frame), *resampler.resample(None))]
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

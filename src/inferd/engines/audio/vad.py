@@ -75,7 +75,6 @@ class Segmenter:
         self.start: int | None = None  # start of the segment in progress
         self.temp_end = 0  # where a possible end (silence) began
         self.pending: tuple[int, int] | None = None  # closed, not yet padded on the right
-        self.prev_end = 0  # padded end of the last emitted segment
 
     def push(self, prob: float) -> list[tuple[int, int]]:
         cur = self.window * self.index
