@@ -525,3 +525,32 @@ async def test_free_while_a_tts_stream_runs(piper):
             await client.tts(text="Hi.", dst=os.devnull, timeout=30)
         assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
         await client.close()
+
+
+def test_several_voices_in_the_directory(piper, tmp_path):
+    """``voice`` picks a file among several; ``language`` picks the voice that speaks it."""
+    import json
+
+    from inferd.engines.audio import packaged
+
+    src = packaged.piper_voice_model()
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    (voices / "en_US-joe-medium.onnx").symlink_to(src)
+    (voices / "en_US-joe-medium.onnx.json").symlink_to(f"{src}.json")
+    config = json.loads(Path(f"{src}.json").read_text())
+    config["language"] = {"code": "en_GB", "family": "en"}
+    config["audio"]["sample_rate"] = 16000  # a different voice file: played at another rate
+    (voices / "en_GB-copy-low.onnx").symlink_to(src)
+    (voices / "en_GB-copy-low.onnx.json").write_text(json.dumps(config))
+    backend = PiperBackend()
+    message = backend.load(pb.ModelOptions(ModelFile=str(voices / "en_US-joe-medium.onnx"), Threads=1),
+                           CallContext("LoadModel"))
+    assert "2 voice(s)" in message
+    for request, rate in ((pb.TTSRequest(voice="en_GB-copy-low"), 16000), (pb.TTSRequest(language="en-GB"), 16000),
+                          (pb.TTSRequest(language="en_US"), 22050), (pb.TTSRequest(), 22050)):
+        request.text, request.dst = "Hello.", str(tmp_path / "out.wav")
+        assert backend.tts(request, CallContext("TTS")).success
+        with wave.open(request.dst) as w:
+            assert w.getframerate() == rate, request
+    backend._free()
