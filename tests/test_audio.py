@@ -339,7 +339,7 @@ async def test_bad_inputs_name_the_field(piper, whisper, vad, tmp_path):
         (piper, "tts", pb.TTSRequest(text="Hi.", dst=str(tmp_path)), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
         (piper, "tts", pb.TTSRequest(text="Hi."), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
         (piper, "tts", pb.TTSRequest(text="   ", dst=str(tmp_path / "e.wav")), grpc.StatusCode.INVALID_ARGUMENT, "text"),
-        (piper, "tts", pb.TTSRequest(text="x" * 100_001, dst=str(tmp_path / "e.wav")), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+        (piper, "tts", pb.TTSRequest(text="x" * 20_001, dst=str(tmp_path / "e.wav")), grpc.StatusCode.INVALID_ARGUMENT, "text"),
     ]
     for backend, method, request, code, field in cases:
         async with running_server(backend) as server:

@@ -144,6 +144,16 @@ def test_registry_and_capabilities():
     assert {SileroVadBackend, PiperBackend, WhisperBackend} == {resolve_backend_class(n) for n in expected}
 
 
+async def test_decoded_output_is_bounded(client, monkeypatch):
+    import inferd.engines.audio.opus as opus
+
+    frames = (await client.audio_encode(pcm_data=tone(seconds=0.5).tobytes(), sample_rate=48000)).frames
+    monkeypatch.setattr(opus, "MAX_DECODE_SECONDS", 1)  # the server runs in this process
+    with pytest.raises(RpcError) as exc:
+        await client.audio_decode(frames=list(frames) * 3)  # 1.5 s > 1 s
+    assert exc.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "frames" in exc.value.details
+
+
 def test_session_decoders_are_bounded_and_expire():
     codec = OpusCodec(idle_s=0.0, max_sessions=2)
     frames = codec.encode(tone(seconds=0.1).tobytes(), 48000, 1, {}).frames

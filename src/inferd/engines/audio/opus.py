@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from inferd.engines.audio.pcm import check_rate, resample_int16, s16le_to_int16
-from inferd.errors import InvalidArgument
+from inferd.errors import InvalidArgument, ResourceExhausted
 
 #: Rates libopus encodes natively.
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -39,6 +39,9 @@ DEFAULT_FRAME_MS = 20.0
 DEFAULT_BITRATE = 64000  # LocalAI's opus backend
 SESSION_IDLE_S = 60.0
 MAX_SESSIONS = 256
+#: Most audio one AudioDecode returns: a few bytes per packet can stand for 120 ms each, so
+#: the output, not the request, is what must be bounded (10 min of 48 kHz stereo is 110 MB).
+MAX_DECODE_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ class _Decoder:
 
         outs: list[np.ndarray] = []
         per_frame = 0
+        total, limit = 0, MAX_DECODE_SECONDS * DEFAULT_RATE
         resampler = av.AudioResampler(format="s16", layout=_layout(self.channels), rate=rate)
         for i, data in enumerate(frames):
             if not data:
@@ -212,6 +216,10 @@ class _Decoder:
             for frame in decoded:
                 if not per_frame:
                     per_frame = frame.samples
+                total += frame.samples
+                if total > limit:
+                    raise ResourceExhausted(f"frames: the decoded audio passes {MAX_DECODE_SECONDS} s at "
+                                            f"frame {i}; send fewer frames per call")
                 frame.pts = None
                 outs.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
         outs.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))

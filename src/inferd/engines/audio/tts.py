@@ -30,7 +30,8 @@ import numpy as np
 
 from inferd.errors import Cancelled, InvalidArgument, LoadError
 
-MAX_TEXT_CHARS = 100_000
+#: ~20 minutes of speech (a 53 MB WAV at 22 kHz); TTSStream has the same bound.
+MAX_TEXT_CHARS = 20_000
 MAX_VOICES = 4
 
 
