@@ -23,6 +23,7 @@ BACKENDS: dict[str, str] = {
     "whisper": "inferd.backends.whisper:WhisperBackend",
     "rerankers": "inferd.backends.rerankers:RerankersBackend",
     "onnx-detect": "inferd.backends.onnx_detect:OnnxDetectBackend",
+    "diffusers": "inferd.backends.diffusers:DiffusersBackend",
 }
 
 
