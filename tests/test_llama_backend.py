@@ -17,59 +17,35 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from inferd.backends.context import CallContext  # noqa: E402
 from inferd.backends.llama_cpp import LlamaCppBackend, plan_load  # noqa: E402
 from inferd.client import RpcError, new_client  # noqa: E402
 from inferd.engines.llama import default_model_path  # noqa: E402
 from inferd.errors import LoadError  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
 from inferd.proto import llm_pb2, llm_pb2_grpc  # noqa: E402
-from inferd.runtime import BackendRuntime  # noqa: E402
 from tests.helpers import running_server, spawned_server  # noqa: E402
-
-CHATML = "<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-WEATHER_TOOLS = json.dumps([{
-    "type": "function",
-    "function": {
-        "name": "get_weather", "description": "Current weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}])
-
-
-def _load(backend: LlamaCppBackend, options: pb.ModelOptions) -> pb.Result:
-    runtime = BackendRuntime(backend, max_workers=2)
-    try:
-        return asyncio.run(runtime.load_model(options, CallContext("LoadModel")))
-    finally:
-        runtime.shutdown()
+from tests.llama_support import (  # noqa: E402
+    CHATML,
+    SMOL_SYSTEM,
+    WEATHER_TOOLS,
+    client_for,
+    greedy,
+    load,
+    smol_options,
+    stream_text,
+)
 
 
 @pytest.fixture(scope="module")
 def smol():
     backend = LlamaCppBackend()
-    # Threads 1: see test_llama_engine (shared cores); 4 slots, small context for the
-    # "prompt longer than context" case.
-    result = _load(backend, pb.ModelOptions(ContextSize=1024, Threads=1, MMap=True,
-                                            Options=["use_jinja:true", "parallel:4"]))
+    result = load(backend, smol_options())  # 4 slots, small context for "prompt longer than context"
     assert result.success, result.message
     yield backend
     backend._free()
 
 
-async def _client(server):
-    return new_client(f"127.0.0.1:{server.port}", parallel=True)
-
-
-def greedy(**kw) -> pb.PredictOptions:
-    kw.setdefault("Temperature", 0.0)
-    return pb.PredictOptions(**kw)
-
-
-async def stream_text(client, request: pb.PredictOptions) -> tuple[str, list[pb.Reply]]:
-    replies = [r async for r in client.predict_stream(request)]
-    return b"".join(r.message for r in replies).decode("utf-8"), replies
+_client = client_for
 
 
 # ---- LoadModel --------------------------------------------------------------------------
@@ -260,14 +236,19 @@ async def test_prompt_longer_than_context_names_both_numbers(smol) -> None:
         await client.close()
 
 
-async def test_four_concurrent_streams_match_alone(smol) -> None:
+async def test_four_concurrent_streams_match_alone_with_separate_kv() -> None:
+    # kv_unified:false is the documented batch-invariant layout (the default, unified, is faster)
     users = ["Name a fruit.", "What is 3+3?", "Say hi.", "Name an animal."]
     reqs = [greedy(Prompt=CHATML.format(sys=SMOL_SYSTEM, user=u), Tokens=12, IgnoreEOS=True) for u in users]
-    async with running_server(smol) as server:
+    backend = LlamaCppBackend()
+    async with running_server(backend) as server:
         client = await _client(server)
+        result = await client.load_model(pb.ModelOptions(ContextSize=256, Threads=1, Options=["kv_unified:false"]))
+        assert result.success and "kv_unified False" in result.message, result.message
         alone = [(await stream_text(client, r))[0] for r in reqs]
         together = await asyncio.gather(*(stream_text(client, r) for r in reqs))
         assert [t for t, _ in together] == alone
+        await client.free(pb.HealthMessage())
         await client.close()
 
 
@@ -282,13 +263,13 @@ async def test_cancelled_stream_frees_its_slot(smol) -> None:
                 break
         await stream.aclose()
         for _ in range(100):
-            if smol.scheduler.active_count() == 0:
+            if smol.engine.scheduler.active_count() == 0:
                 break
             await asyncio.sleep(0.05)
-        assert smol.scheduler.active_count() == 0
-        generated_before = smol.scheduler.total_generated
+        assert smol.engine.scheduler.active_count() == 0
+        generated_before = smol.engine.scheduler.total_generated
         await asyncio.sleep(0.3)
-        assert smol.scheduler.total_generated == generated_before  # nothing runs on
+        assert smol.engine.scheduler.total_generated == generated_before  # nothing runs on
         await client.close()
 
 
@@ -362,7 +343,8 @@ async def test_free_during_a_stream_ends_it_cleanly() -> None:
         with pytest.raises(RpcError) as info:
             async for _ in stream:
                 pass
-        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        # the runtime's lifecycle gate withdraws streams in flight before unloading
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "unloaded" in info.value.details
         assert (await client.status(pb.HealthMessage())).state == pb.StatusResponse.UNINITIALIZED
         with pytest.raises(RpcError) as info:
             await client.predict(pb.PredictOptions(Prompt="hi", Tokens=2))

@@ -41,7 +41,7 @@ def gemma():
 
 
 async def test_gemma_has_no_template_and_uses_the_default(gemma) -> None:
-    assert "tokenizer.chat_template" not in gemma.engine.metadata
+    assert "tokenizer.chat_template" not in gemma.engine.model.metadata
     async with running_server(gemma) as server:
         client = new_client(f"127.0.0.1:{server.port}", parallel=True)
         meta = await client.model_metadata(pb.ModelOptions())

@@ -9,6 +9,7 @@ an exception aborts with the status from ``status_map`` — the one place that h
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import grpc
 
 from inferd.backends.context import CallContext
-from inferd.errors import InvalidArgument
+from inferd.errors import InvalidArgument, NoModelLoaded, Unsupported
 from inferd.proto import backend_pb2 as pb
 from inferd.proto import llm_pb2
 from inferd.protocol import LLM_RPCS, LLM_SERVICE_NAME, RPCS, SERVICE_NAME, Rpc
@@ -115,8 +116,10 @@ class BackendServicer:
 class LLMServicer:
     """Seed 003's ``entity.grpc.LLMService.Generate``: a prompt in, tokens streamed out.
 
-    A thin front over the same backend's ``PredictStream``; each reply's text becomes
-    one ``GenerateResponse.token``.
+    A front over the backend's text engine API (``AsyncLlamaEngine.generate``, the same API
+    the OpenAI front uses), not over PredictStream: greedy, until end of generation; each
+    piece of text becomes one ``GenerateResponse.token``. Backends without a text engine
+    answer UNIMPLEMENTED.
     """
 
     def __init__(self, runtime: BackendRuntime) -> None:
@@ -133,19 +136,32 @@ class LLMServicer:
             },
         )
 
+    def _engine(self) -> Any:
+        backend = self.runtime.backend
+        if not hasattr(backend, "engine"):
+            raise Unsupported(backend.name, "LLMService.Generate", "it has no text-generation engine")
+        engine = backend.engine
+        if engine is None:
+            raise NoModelLoaded(backend.name, "Generate")
+        return engine
+
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        ctx = _call_context("Generate", context)
         try:
             request = decode(llm_pb2.GenerateRequest, raw)
-        except InvalidArgument as exc:
-            await _abort(context, exc, "Generate")
-        ctx = _call_context("PredictStream", context)
-        options = pb.PredictOptions(Prompt=request.prompt, UseTokenizerTemplate=False)
-        stream = self.runtime.stream("PredictStream", options, ctx)
-        try:
-            async for reply in stream:
-                if reply.message:
-                    yield llm_pb2.GenerateResponse(token=reply.message.decode("utf-8"))
+            from inferd.engines.llama import SamplingParams  # only backends with a llama engine get here
+
+            self._engine()  # UNIMPLEMENTED before the gate, as for every rpc
+            # The engine is used directly, so hold the lifecycle gate as a model rpc does:
+            # Free/LoadModel withdraw this stream (UNAVAILABLE) instead of freeing under it.
+            async with self.runtime.model_call("Generate", ctx, streaming=True):
+                stream = self._engine().generate(request.prompt, SamplingParams(temperature=0.0),
+                                                 is_cancelled=ctx.cancelled)
+                async with contextlib.aclosing(stream):  # closed (aborted) before the lease goes
+                    async for out in stream:
+                        if ctx.revoked:
+                            break
+                        if out.text:
+                            yield llm_pb2.GenerateResponse(token=out.text)
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc, "Generate")
-        finally:
-            await stream.aclose()

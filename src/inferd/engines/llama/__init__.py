@@ -1,9 +1,9 @@
-"""llama.cpp engine: model loading, sampling, continuous-batching scheduler.
+"""llama.cpp engine: model loading, sampling, continuous batching, prefix cache, async API.
 
-Plain Python over llama-cpp-python's low-level C API; no grpc, no protobuf. The
-``llama-cpp`` backend (``inferd.backends.llama_cpp``) is its only protocol front.
-Chat-template rendering and model-output parsing live in ``chat_template`` and
-``tool_parser``.
+Plain Python over llama-cpp-python's low-level C API; no grpc, no protobuf, no HTTP. Fronts
+(the ``llama-cpp`` LocalAI backend, LLMService, the OpenAI HTTP front) use ONE API:
+``AsyncLlamaEngine.generate(prompt | tokens | Chat, SamplingParams)`` (``engine``), with the
+plain types of ``inputs`` and ``sampling``. See docs/llama-cpp.md, "The engine API".
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import importlib.util
 import os
 
 from inferd.engines.llama.detokenizer import IncrementalDetokenizer, StopMatcher
+from inferd.engines.llama.engine import AsyncLlamaEngine
+from inferd.engines.llama.inputs import Chat, GenerationOutput, GenerationResult
 from inferd.engines.llama.model import LlamaModel, ModelConfig, ModelLoadError
 from inferd.engines.llama.sampling import SamplerError, SamplingParams
 from inferd.engines.llama.scheduler import (
@@ -25,7 +27,7 @@ from inferd.engines.llama.scheduler import (
 )
 
 __all__ = [
-    "Completion", "EngineClosed", "IncrementalDetokenizer", "KVCacheFull", "LlamaModel", "ModelConfig",
+    "AsyncLlamaEngine", "Chat", "Completion", "EngineClosed", "GenerationOutput", "GenerationResult", "IncrementalDetokenizer", "KVCacheFull", "LlamaModel", "ModelConfig",
     "ModelLoadError", "PromptTooLong", "QueueFull", "SamplerError", "SamplingParams", "Scheduler",
     "StepOutput", "StopMatcher", "default_model_path",
 ]

@@ -32,6 +32,9 @@ import jinja2.ext
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from inferd.errors import InvalidArgument
+from inferd.limits import parse_json
+
 GGUF_TEMPLATE_KEY = "tokenizer.chat_template"
 # Some GGUFs (Hermes, Command-R) ship a second template meant for requests that carry tools;
 # llama.cpp prefers it when tools are given, and so do we.
@@ -262,9 +265,9 @@ def _parse_tool_calls(raw: Any, position: int) -> list[dict[str, Any]]:
     a JSON-object string become a dict (llama.cpp's minja does the same for such templates).
     """
     try:
-        value = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"messages[{position}].tool_calls is not valid JSON: {exc}") from exc
+        value = parse_json(raw, f"messages[{position}].tool_calls") if isinstance(raw, str) else raw
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
     calls = [value] if isinstance(value, dict) else value
     if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
         raise ValueError(f"messages[{position}].tool_calls must be a JSON list of objects")
@@ -274,8 +277,8 @@ def _parse_tool_calls(raw: Any, position: int) -> list[dict[str, Any]]:
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
-                parsed = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
+                parsed = parse_json(args, "arguments") if args.strip() else {}
+            except InvalidArgument:
                 parsed = args
             args = parsed if isinstance(parsed, dict) else args
         entry: dict[str, Any] = {"type": "function", "function": {"name": fn.get("name", ""), "arguments": args}}

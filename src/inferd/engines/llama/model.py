@@ -7,8 +7,10 @@ the backend maps ModelOptions onto it, benchmarks and tests build it directly.
 
 Context parameters follow what llama-server sets, because those are the ones that
 make multi-sequence decoding fast (see docs/llama-cpp.md): ``n_seq_max`` = slots,
-one KV stream per slot (not unified), ``n_batch`` 2048 / ``n_ubatch`` 512, flash
-attention "auto", and as many threads for decoding as for prompt processing.
+ONE unified KV buffer shared by the slots (llama-server's default without ``-np``;
+with the vendored llama.cpp it is much faster at 4+ streams than one stream per slot,
+and it makes prefix sharing free), ``n_batch`` 2048 / ``n_ubatch`` 512, flash attention
+"auto", and as many threads for decoding as for prompt processing.
 """
 
 from __future__ import annotations
@@ -101,7 +103,10 @@ class ModelConfig:
     yarn_beta_fast: float = -1.0
     yarn_beta_slow: float = -1.0
     yarn_orig_ctx: int = 0
-    kv_unified: bool = False  # True: one KV buffer for all slots (faster batches, batch-dependent numerics)
+    # True (default): one KV buffer for all slots: fast batches, free prefix sharing, but a greedy
+    # reply may differ by a near-tie token with what else runs. False: one stream per slot,
+    # batch-invariant output (docs/llama-cpp.md, "KV layout"), slower at 4+ streams.
+    kv_unified: bool = True
     swa_full: bool = True
     embeddings: bool = False  # create the embedding context at load instead of lazily
     lora: list[tuple[str, float]] = field(default_factory=list)
@@ -250,10 +255,11 @@ class LlamaModel:
         self._n_ctx_request = n_ctx
         if not embeddings:
             # Room for every slot to use the full context: a request that fits a
-            # single-slot server fits here, and the shared cache can never run out.
-            # Not unified (the default), each slot gets its own KV stream, so batched
-            # results equal single-request results; unified is faster on CPU.
+            # single-slot server fits here. Unified (the default), the slots share these
+            # cells (and the prefix cache lives in them); separate, each slot gets its own
+            # stream of n_ctx cells, so batched results equal single-request results.
             n_ctx *= max(1, cfg.slots)
+            self._check_kv_memory(n_ctx)
         cp.n_ctx = n_ctx
         cp.n_batch = max(1, min(cfg.n_batch, n_ctx)) if not embeddings else cp.n_ctx
         cp.n_ubatch = max(1, min(cfg.n_ubatch, cp.n_batch)) if not embeddings else cp.n_ctx
@@ -296,6 +302,27 @@ class LlamaModel:
         if embeddings:
             cp.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
         return cp
+
+    def _check_kv_memory(self, cells: int) -> None:
+        """Refuse a KV cache larger than the machine's memory before llama.cpp tries to allocate it.
+
+        llama.cpp zeroes the whole KV buffer at creation: an absurd ContextSize x slots would
+        be killed by the OOM killer instead of failing with a reason.
+        """
+        n_layer = llama_cpp.llama_model_n_layer(self.model)
+        n_head = max(1, llama_cpp.llama_model_n_head(self.model))
+        n_head_kv = llama_cpp.llama_model_n_head_kv(self.model)
+        per_cell = 2 * n_layer * (self.n_embd // n_head) * n_head_kv * 2  # K and V, f16
+        need = cells * per_cell
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return
+        if need > total:
+            raise ModelLoadError(
+                f"the KV cache would need ~{need / 2**30:.1f} GiB ({cells} cells of {per_cell} bytes: "
+                f"ContextSize x slots) but the machine has {total / 2**30:.1f} GiB; lower ContextSize or "
+                "parallel, or use CacheTypeKey/CacheTypeValue q8_0")
 
     def _new_context(self, embeddings: bool) -> Any:
         ctx = llama_cpp.llama_init_from_model(self.model, self._context_params(embeddings))

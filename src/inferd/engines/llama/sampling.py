@@ -9,13 +9,18 @@ in C: the scheduler only calls ``llama_sampler_sample`` once per token.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
 
+from inferd.errors import InvalidArgument
+
 DEFAULT_SEED = llama_cpp.LLAMA_DEFAULT_SEED
+MAX_TOP_LOGPROBS = 20
+_INT32_MAX = 2**31 - 1
 
 
 class SamplerError(ValueError):
@@ -28,9 +33,14 @@ class SamplerError(ValueError):
 
 @dataclass
 class SamplingParams:
-    """One request's generation settings; defaults are llama-server's.
+    """One request's generation settings; defaults are llama-server's. A plain dataclass.
 
-    ``temperature <= 0`` means greedy. ``seed < 0`` means a random seed.
+    ``temperature <= 0`` means greedy. ``seed < 0`` means a random seed. ``logit_bias`` keys
+    are token ids, or texts whose every token gets the bias (tokenized off the event loop).
+    Output constraints, at most one: ``grammar`` (GBNF), ``json_schema`` (a parsed JSON
+    schema), ``response_format`` (OpenAI's: json_object / json_schema); a forced
+    ``Chat.tool_choice`` adds its own grammar when none of these is set.
+    ``validate()`` checks every range (the engine calls it; fronts need not).
     """
 
     max_tokens: int = 0  # 0: until EOS or the context is full
@@ -50,10 +60,38 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     n_keep: int = 0
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    logit_bias: dict[int | str, float] = field(default_factory=dict)
     grammar: str = ""  # GBNF
+    json_schema: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     logprobs: int = 0  # >0: return the chosen token's logprob and this many alternatives
     want_logprobs: bool = False
+
+    def validate(self) -> None:
+        """Raise ``InvalidArgument`` naming the (snake_case) field for any out-of-range value."""
+        ints = (("max_tokens", self.max_tokens, 0, _INT32_MAX), ("top_k", self.top_k, 0, _INT32_MAX),
+                ("repeat_last_n", self.repeat_last_n, -1, _INT32_MAX), ("mirostat", self.mirostat, 0, 2),
+                ("n_keep", self.n_keep, -1, _INT32_MAX), ("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS))
+        for name, value, lo, hi in ints:
+            if not lo <= value <= hi:
+                raise InvalidArgument(f"must be between {lo} and {hi}, got {value}", name)
+        floats = (("temperature", self.temperature, 0.0, None), ("top_p", self.top_p, 0.0, 1.0),
+                  ("min_p", self.min_p, 0.0, 1.0), ("typical_p", self.typical_p, 0.0, 1.0),
+                  ("repeat_penalty", self.repeat_penalty, 0.0, None),
+                  ("frequency_penalty", self.frequency_penalty, None, None),
+                  ("presence_penalty", self.presence_penalty, None, None),
+                  ("mirostat_tau", self.mirostat_tau, 0.0, None), ("mirostat_eta", self.mirostat_eta, 0.0, None))
+        for name, value, lo, hi in floats:
+            if not math.isfinite(value):
+                raise InvalidArgument(f"must be a finite number, got {value}", name)
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+                raise InvalidArgument(f"must be {bound}, got {value}", name)
+        for key, bias in self.logit_bias.items():
+            if math.isnan(bias) or bias == math.inf:
+                raise InvalidArgument(f"bias for {key!r} must be a number or -inf (ban), got {bias}", "logit_bias")
+        if sum(bool(x) for x in (self.grammar, self.json_schema, self.response_format)) > 1:
+            raise InvalidArgument("give at most one of grammar, json_schema and response_format", "grammar")
 
     def resolved_seed(self) -> int:
         if self.seed is None or self.seed < 0:
@@ -83,7 +121,7 @@ def build_sampler(params: SamplingParams, vocab: Any, n_vocab: int, n_ctx: int,
         if bias:
             for t in bias:
                 if not 0 <= t < n_vocab:
-                    raise SamplerError(f"token id {t} is outside the vocabulary (0..{n_vocab - 1})", "LogitBias")
+                    raise SamplerError(f"token id {t} is outside the vocabulary (0..{n_vocab - 1})", "logit_bias")
             arr = (llama_cpp.llama_logit_bias * len(bias))()
             for i, (t, b) in enumerate(bias.items()):
                 arr[i].token = t
@@ -92,13 +130,15 @@ def build_sampler(params: SamplingParams, vocab: Any, n_vocab: int, n_ctx: int,
         if (params.repeat_penalty not in (0.0, 1.0) or params.frequency_penalty
                 or params.presence_penalty):
             last_n = n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+            # llama.h of the vendored llama.cpp: (n_vocab, penalty_last_n, repeat, freq, present);
+            # tests/test_llama_abi.py checks every binding we call against that header.
             add(chain, llama_cpp.llama_sampler_init_penalties(
-                last_n, params.repeat_penalty or 1.0, params.frequency_penalty, params.presence_penalty))
+                n_vocab, last_n, params.repeat_penalty or 1.0, params.frequency_penalty, params.presence_penalty))
         if params.grammar:
             g = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode("utf-8"), b"root")
             if not g:
                 raise SamplerError("llama.cpp could not parse the GBNF grammar (it needs a 'root' rule)",
-                                   "Grammar")
+                                   "grammar")
             add(chain, g)
         seed = params.resolved_seed()
         if params.temperature <= 0:

@@ -31,6 +31,7 @@ import llama_cpp
 
 from inferd.engines.llama.detokenizer import IncrementalDetokenizer
 from inferd.engines.llama.model import LlamaModel
+from inferd.engines.llama.prefix_cache import PrefixCache
 from inferd.engines.llama.sampling import SamplingParams, build_sampler, free_sampler
 
 log = logging.getLogger("inferd.engines.llama.scheduler")
@@ -70,6 +71,7 @@ class Completion:
     prompt_seconds: float
     generation_seconds: float
     error: BaseException | None = None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Request:
     __slots__ = (
         "id", "prompt", "params", "emit", "is_cancelled", "sampler", "aborted", "slot",
         "n_past", "n_prefilled", "n_gen", "last_token", "batch_idx", "detok", "t_admit",
-        "t_first", "pending_ids", "pending_logprobs", "done",
+        "t_first", "pending_ids", "pending_logprobs", "done", "cached", "wait_for", "shifted",
     )
 
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, emit: Emit,
@@ -115,12 +117,15 @@ class Request:
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[dict[str, Any]] | None = [] if params.want_logprobs else None
         self.done = False
+        self.cached = 0  # prompt tokens reused from the prefix cache
+        self.wait_for: tuple[Request, int] | None = None  # (active request, tokens) to copy once prefilled
+        self.shifted = False  # a context shift moved its cells: not a valid prefix source any more
 
 
 class Scheduler:
     """Runs all generations of one ``LlamaModel`` on one thread (see module docstring)."""
 
-    def __init__(self, model: LlamaModel, max_waiting: int = 64) -> None:
+    def __init__(self, model: LlamaModel, max_waiting: int = 64, cache_tokens: int | None = None) -> None:
         self.model = model
         self.ctx = model.ctx
         self.slots = model.n_seq_max
@@ -132,6 +137,9 @@ class Scheduler:
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
         self._free_slots = list(range(self.slots - 1, -1, -1))
+        # default bound: half the KV cells, the other half stays for running requests
+        self.cache = PrefixCache(model.memory, self.slots, unified=model.config.kv_unified,
+                                 max_tokens=model.n_ctx_total // 2 if cache_tokens is None else cache_tokens)
         self._stop = False
         self.context_shifts = 0
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.slots)
@@ -147,6 +155,11 @@ class Scheduler:
         self.last_tokens_per_second = 0.0
         self.last_slot = -1
         self.last_prompt_text = ""
+        # time accounting (scheduler thread): what the bench prints as per-step overhead
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.decode_seconds = 0.0
+        self.sample_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="inferd-llama-scheduler", daemon=True)
         self._thread.start()
 
@@ -224,6 +237,45 @@ class Scheduler:
 
     def step(self) -> None:
         """Admit, build one batch, decode it, sample every sequence that has logits."""
+        t0 = time.perf_counter()
+        try:
+            self._step()
+        finally:
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - t0
+
+    def _admit(self, req: Request) -> None:
+        """Give ``req`` a free slot, reusing cached prefix cells (``prefix_cache``)."""
+        placement = self.cache.place(req.prompt, self._free_slots, [r for r in self._active if not r.shifted])
+        self._free_slots.remove(placement.slot)
+        req.slot = placement.slot
+        keep = self.cache.claim(placement)
+        req.n_past = req.n_prefilled = req.cached = keep
+        req.t_admit = time.perf_counter()
+        if placement.source_slot >= 0:
+            src = placement.source_request
+            if src is None or src.n_prefilled >= placement.source_tokens:
+                self.cache.copy(placement.source_slot, req.slot, placement.source_tokens)
+                req.n_past = req.n_prefilled = req.cached = placement.source_tokens
+            else:
+                req.wait_for = (src, placement.source_tokens)
+        self._active.append(req)
+
+    def _copy_when_ready(self, req: Request) -> bool:
+        """For a request waiting on another's prefill: copy once done; False while still waiting."""
+        assert req.wait_for is not None
+        src, n = req.wait_for
+        if src.done or src.slot < 0 or src.shifted:
+            req.wait_for = None  # the source went away: compute the prefix ourselves
+            return True
+        if src.n_prefilled < n:
+            return False
+        req.wait_for = None
+        self.cache.copy(src.slot, req.slot, n)
+        req.n_past = req.n_prefilled = req.cached = n
+        return True
+
+    def _step(self) -> None:
         active = self._active
         # 1. drop cancelled / aborted sequences (frees their slots for admission below)
         for req in list(active):
@@ -237,9 +289,7 @@ class Scheduler:
                     if req.aborted or (req.is_cancelled is not None and req.is_cancelled()):
                         self._finish(req, "cancelled")
                         continue
-                    req.slot = self._free_slots.pop()
-                    req.t_admit = time.perf_counter()
-                    active.append(req)
+                    self._admit(req)
         if not active:
             return
         # 3. one batch: a token per generating sequence, then prompt chunks
@@ -254,7 +304,7 @@ class Scheduler:
                 seq[n][0] = req.slot
                 logits[n] = 1
                 req.batch_idx = n
-                plan.append((req, 1))
+                plan.append((req, 0))
                 n += 1
         budget = self.n_batch - n
         for req in active:
@@ -264,6 +314,9 @@ class Scheduler:
             req.batch_idx = -1
             if budget <= 0:
                 continue
+            if req.wait_for is not None and not self._copy_when_ready(req):
+                continue  # its prefix is being computed by another request
+            remaining = len(req.prompt) - req.n_prefilled
             take = min(remaining, budget)
             start = req.n_prefilled
             slot = req.slot
@@ -284,14 +337,23 @@ class Scheduler:
         if n == 0:
             return
         self._batch.n_tokens = n
+        t_decode = time.perf_counter()
         ret = llama_cpp.llama_decode(self.ctx, self._batch)
+        t_decoded = time.perf_counter()
+        self.decode_seconds += t_decoded - t_decode
         if ret != 0:
             self._decode_failed(ret, plan)
             return
-        # 4. advance and sample
+        # 4. advance (mirror the cells in the prefix cache) and sample
+        kv = self.cache.tokens
         for req, count in plan:
-            req.n_past += count
-            if req.n_prefilled < len(req.prompt):
+            if count == 0:  # one generated token
+                req.n_past += 1
+                kv[req.slot].append(req.last_token)
+            else:
+                start = req.n_prefilled
+                kv[req.slot].extend(req.prompt[start:start + count])
+                req.n_past += count
                 req.n_prefilled += count
                 self.total_prompt += count
         sample = llama_cpp.llama_sampler_sample
@@ -300,6 +362,7 @@ class Scheduler:
                 continue
             token = sample(req.sampler, self.ctx, req.batch_idx)
             self._on_token(req, token)
+        self.sample_seconds += time.perf_counter() - t_decoded
 
     def _shift_context(self, req: Request) -> bool:
         """Make room when a sequence fills its context (llama.cpp's context shift).
@@ -320,6 +383,8 @@ class Scheduler:
         if n_discard < 1 or not llama_cpp.llama_memory_can_shift(mem):
             return False
         seq = req.slot
+        req.shifted = True
+        self.cache.tokens[seq] = []  # cells moved: never a prefix to reuse
         llama_cpp.llama_memory_seq_rm(mem, seq, n_keep, n_keep + n_discard)
         llama_cpp.llama_memory_seq_add(mem, seq, n_keep + n_discard, req.n_past, -n_discard)
         req.n_past -= n_discard
@@ -327,6 +392,8 @@ class Scheduler:
         return True
 
     def _decode_failed(self, ret: int, plan: list[tuple[Request, int]]) -> None:
+        if ret == 1 and self.cache.evict_one():
+            return  # cached prefixes took the room: dropped one, everyone retries next step
         if ret == 1 and len(plan) > 1:
             # No room in the shared KV cache for everyone: evict the newest sequence
             # (llama.cpp rolled the failed batch back), the others retry next step.
@@ -409,7 +476,7 @@ class Scheduler:
         if reason in ("stop", "length"):
             text += req.detok.finish()
         if req.slot >= 0:
-            llama_cpp.llama_memory_seq_rm(self.model.memory, req.slot, -1, -1)
+            self.cache.release(req.slot, keep_cache=error is None and not req.shifted)
             self._free_slots.append(req.slot)
             self.last_slot = req.slot
             req.slot = -1
@@ -425,5 +492,5 @@ class Scheduler:
         self.total_generated += req.n_gen
         if gen_s > 0 and req.n_gen > 1:
             self.last_tokens_per_second = (req.n_gen - 1) / gen_s
-        completion = Completion(reason, len(req.prompt), n_gen, prompt_s, gen_s, error)
+        completion = Completion(reason, len(req.prompt), n_gen, prompt_s, gen_s, error, req.cached)
         self._emit(req, StepOutput(text, req.pending_ids, req.pending_logprobs, completion))
