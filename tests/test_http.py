@@ -246,6 +246,39 @@ def test_embeddings_float_and_base64(client: Any) -> None:
     assert max(abs(x - y) for x, y in zip(vec, r.data[0].embedding, strict=True)) < 1e-6
 
 
+def test_embeddings_dimensions_are_truncated_and_renormalized(client: Any) -> None:
+    full = client.embeddings.create(model="minilm", input="a cat").data[0].embedding
+    short = client.embeddings.create(model="minilm", input="a cat", dimensions=64).data[0].embedding
+    assert len(short) == 64 and abs(sum(x * x for x in short) - 1.0) < 1e-4
+    scale = short[0] / full[0]
+    assert all(abs(s - f * scale) < 1e-5 for s, f in zip(short, full[:64], strict=True))
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="minilm", input="a cat", dimensions=4096)
+
+
+async def test_oversized_bodies_are_413() -> None:
+    from inferd.http.app import create_app
+    from inferd.http.source import AddressSource
+
+    app = create_app(AddressSource({"m": "127.0.0.1:9"}), max_body_bytes=1000)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front") as h:
+        big = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+        r = await h.post("/v1/chat/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        async def chunks():  # no content-length: counted as it streams in
+            for _ in range(10):
+                yield b"x" * 500
+
+        r = await h.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+    roomy = create_app(AddressSource({"m": "127.0.0.1:9"}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=roomy), base_url="http://front") as h:
+        deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        r = await h.post("/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+        assert r.status_code == 400  # nesting past the parser's depth: a 400, not a 500
+
+
 def test_rerank_jina_shape(front: Front) -> None:
     r = httpx.post(front.url + "/v1/rerank", headers=auth(), json={
         "model": "minilm", "query": "What is the capital of France?", "top_n": 2,

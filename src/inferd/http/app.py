@@ -24,8 +24,11 @@ from inferd.http.routes import audio, chat, completions, embeddings, models, rer
 from inferd.http.source import ModelSource
 from inferd.observability.metrics import CONTENT_TYPE_LATEST, Metrics
 
+MAX_BODY_BYTES = 128 * 1024 * 1024  # an audio upload (100 MiB) plus form overhead; JSON bodies are far smaller
 
-def create_app(source: ModelSource, api_keys: Iterable[str] = (), metrics: Metrics | None = None) -> FastAPI:
+
+def create_app(source: ModelSource, api_keys: Iterable[str] = (), metrics: Metrics | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="inferd", description="OpenAI-compatible API over inferd backends",
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.source = source
@@ -35,6 +38,7 @@ def create_app(source: ModelSource, api_keys: Iterable[str] = (), metrics: Metri
     for module in (models, chat, completions, embeddings, rerank, audio):
         app.include_router(module.router, dependencies=auth)
     _install_error_handlers(app)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     if metrics is not None:
         _install_metrics(app, metrics)
 
@@ -107,3 +111,48 @@ class _MetricsMiddleware:
             m.in_flight.labels("http", path).dec()
             m.requests.labels("http", method, str(status["code"])).inc()
             m.latency.labels("http", method).observe(time.perf_counter() - start)
+
+
+class _BodyLimit:
+    """Refuses bodies larger than ``limit`` with 413 before they are buffered (declared or streamed)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        err = APIError(413, f"the request body is larger than {self.limit} bytes", "invalid_request_error",
+                       None, "request_too_large")
+        await JSONResponse(err.body(), status_code=413)({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(BaseException):  # noqa: N818 - BaseException: FastAPI turns an Exception from the body into a 400
+    """Raised from ``receive`` past the limit; caught by ``_BodyLimit`` only."""
+
+
+async def _no_receive() -> dict[str, Any]:
+    return {"type": "http.disconnect"}

@@ -2,7 +2,8 @@
 
 The backend's dynamic batcher merges concurrent calls into one forward pass, so a list
 input becomes concurrent single-text calls rather than a loop. ``encoding_format:
-base64`` packs each vector as little-endian float32, as OpenAI's clients decode it.
+base64`` packs each vector as little-endian float32, as OpenAI's clients decode it;
+``dimensions`` keeps the first N components, renormalized to unit length (as OpenAI does).
 Token usage comes from the backend's TokenizeString when it has one.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import struct
 from typing import Any
 
@@ -42,6 +44,9 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
                 raise bad_request(f"the model's vectors have {len(vec)} dimensions, asked {body.dimensions}",
                                   "dimensions")
             vec = vec[: body.dimensions]
+            norm = math.sqrt(sum(x * x for x in vec))
+            if norm > 0:  # OpenAI's shortened embeddings stay unit-length
+                vec = [x / norm for x in vec]
         value: Any = vec
         if body.encoding_format == "base64":
             value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
