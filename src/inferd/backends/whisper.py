@@ -49,6 +49,7 @@ ALIASES = ("whisper", "tiny.en", "whisper-tiny.en", "whisper-1")
 OPTIONS = {"beam_size": int, "vad_filter": bool, "compute_type": str, "condition_on_previous_text": bool}
 COMPUTE_TYPES = ("int8", "int8_float32", "float32", "default")
 NS = 1_000_000_000
+MAX_PROMPT_CHARS = 4096
 
 
 def _ns(seconds: float) -> int:
@@ -93,6 +94,8 @@ class WhisperBackend(AudioBackend):
             raise InvalidArgument("speaker diarization is not available (no diarization model is loaded)", "diarize")
         threads = thread_count(request.threads, "threads", default=0)  # 0: the loaded count
         temperature = finite_float(request.temperature, "temperature", 0.0, 1.0)
+        if len(request.prompt) > MAX_PROMPT_CHARS:  # whisper keeps only the last 223 tokens anyway
+            raise InvalidArgument(f"{len(request.prompt)} characters; the limit is {MAX_PROMPT_CHARS}", "prompt")
         engine.check_language(request.language)
         path = self.input_path(request.dst, "dst")
         audio = load_audio(path, SAMPLE_RATE, "dst")
