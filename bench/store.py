@@ -180,9 +180,11 @@ def bench_wire(kind: str, n: int, nq: int, max_wait: float) -> None:
         a, b = alternate(ours, numpy_default, list(range(nq)))
         with threadpool_limits(1, "blas"):
             _, b1 = alternate(ours, numpy_default, list(range(nq)))
+        health, _ = alternate(lambda i: server.stub.Health(pb.HealthMessage()), lambda i: None, list(range(nq)))
         method = "ANN" if bd.get("store_ann_ef") else "exact"
         print(f"  after: ours ({method}) {p50(a):6.2f} ms p50, recall@10 {hits / (10 * nq):.4f}; numpy in-process "
-              f"{p50(b):6.2f} ms (1 BLAS thread: {p50(b1):.2f}) -> ours/numpy {p50(a) / p50(b):4.2f}x")
+              f"{p50(b):6.2f} ms (1 BLAS thread: {p50(b1):.2f}) -> ours/numpy {p50(a) / p50(b):4.2f}x; "
+              f"gRPC floor (Health) {p50(health):.2f} ms")
     finally:
         server.close()
     if kind == "clustered":  # the exact path over the wire on the same data
@@ -253,6 +255,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--data", default="random,clustered", help="data sets for the wire section")
     ap.add_argument("--max-wait", type=float, default=300.0, help="longest wait for an index build, seconds")
     ap.add_argument("--sections", default="wire,inproc", help="comma-separated: wire, inproc, set")
     args = ap.parse_args()
@@ -261,8 +264,8 @@ def main() -> None:
           f"{load()} (a shared machine: compare the ratios, not the absolute figures)")
     sections = args.sections.split(",")
     if "wire" in sections:
-        bench_wire("random", args.n, args.queries, args.max_wait)
-        bench_wire("clustered", args.n, args.queries, args.max_wait)
+        for kind in args.data.split(","):
+            bench_wire(kind, args.n, args.queries, args.max_wait)
     if "inproc" in sections:
         bench_inproc(args.n, args.queries)
     if "set" in sections:

@@ -11,10 +11,10 @@ an int8 score is bounded per query: with ``u``/``q`` the unit key/query, ``du``/
 their quantization residuals, ``|approx - exact| = |du.q + u.dq + du.dq| <=
 |du| + |dq| + |du||dq|`` (Cauchy-Schwarz, unit norms); ``|du|`` is measured per row when
 the key is stored and its maximum kept. After re-scoring the first candidates (``k`` plus
-at least 32 more) the k-th exact similarity ``t`` is known, and every row whose approximate
-score could still reach ``t`` (``approx >= t - bound``) is re-scored too. On random
-384-d data the bound is about 0.018 and that second pass is rarely needed; on clustered
-data it adds the few rows that sit within the bound of the k-th neighbour.
+at least 64 more) the k-th exact similarity ``t`` is known, and every row whose approximate
+score could still reach ``t`` (``approx >= t - bound``) is re-scored too. For 384-d unit
+vectors the bound is about 0.02, and with 64 extra candidates that second pass was needed
+in 1 of 200 queries on random data and 0 of 200 on clustered data (100k entries).
 
 Without SimSIMD the scan is BLAS's float32 matrix-vector product with the same
 certification (its error bound, ``(d + 8) * 2**-23``, comes from the textbook bound on a
@@ -31,7 +31,9 @@ import numpy as np
 from inferd.engines.store.blas import blas_threads
 
 #: Candidates re-scored before the bound is checked: k plus this many (or 2k, if larger).
-EXTRA_CANDIDATES = 32
+#: 64 because, at 100k x 384, 32 left the bound unproven (a second pass) in 117 of 200
+#: random and 34 of 200 clustered queries, 64 in 1 and 0 (bench data, 200 queries each).
+EXTRA_CANDIDATES = 64
 _SLACK = 1e-9  # float64 rounding of the scaled scores and of unit norms: far below this
 
 
