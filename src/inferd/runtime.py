@@ -307,8 +307,6 @@ class BackendRuntime:
         """
         lease = self.gate.enter(ctx, streaming)
         try:
-            self.backend._enter()
-            lease.on_release(self.backend._exit)
             if not self.backend.parallel:
                 lock = self.backend.call_lock
                 await lock.acquire()

@@ -26,7 +26,6 @@ be stopped and joined by ``unload()`` before native memory is freed).
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
@@ -53,8 +52,6 @@ class Backend:
         #: LoadModel/Free against model calls (inferd.lifecycle); on the backend, not the
         #: runtime, so the server and an embedded client over one backend share it.
         self.lifecycle = LifecycleGate()
-        self._counter_lock = threading.Lock()
-        self._in_flight = 0
         self._loaded = False
         self._load_error: str | None = None
         self.model_name: str = ""
@@ -94,17 +91,13 @@ class Backend:
         return self._loaded
 
     # ---- busy accounting (used by Status, the watchdog and the supervisor) --------
-    def _enter(self) -> None:
-        with self._counter_lock:
-            self._in_flight += 1
-
-    def _exit(self) -> None:
-        with self._counter_lock:
-            self._in_flight -= 1
-
     def busy(self) -> bool:
-        """True while a model call is in progress (Status/Health do not count)."""
-        return self._in_flight > 0
+        """True while a model call is in progress (Status/Health do not count).
+
+        The calls in progress are the lifecycle gate's leases: a worker still running after
+        its caller left counts until it ends.
+        """
+        return self.lifecycle.in_flight() > 0
 
     def state(self) -> int:
         if self._load_error is not None:
