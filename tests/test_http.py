@@ -76,6 +76,9 @@ def front_config(tmp: Path) -> SupervisorConfig:
         ModelSpec("minilm", "sentence-embeddings", options={"Threads": 1}, parallel=True),
         ModelSpec("echo", ECHO, "test-model", env=ENV, parallel=True),
         ModelSpec("broken", ECHO, str(tmp / "missing.gguf"), env=ENV),
+        # one slot and no waiting room: a second concurrent request is refused (429)
+        ModelSpec("one-slot", "llama-cpp", options={"ContextSize": 4096, "Threads": 1,
+                                                    "Options": ["parallel:1", "max_queue:0"]}, parallel=True),
     ), run_dir=str(tmp / "run"), stop_grace=2.0)
 
 
@@ -114,7 +117,7 @@ WEATHER_TOOL = {
 # ---- models and auth ------------------------------------------------------------------------
 def test_models_list_and_retrieve(client: Any) -> None:
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["smol", "minilm", "echo", "broken"]
+    assert ids == ["smol", "minilm", "echo", "broken", "one-slot"]
     assert client.models.retrieve("minilm").owned_by == "inferd:sentence-embeddings"
     with pytest.raises(openai.NotFoundError) as exc:
         client.models.retrieve("nope")
@@ -323,6 +326,22 @@ def test_error_statuses(client: Any, front: Front) -> None:
     r = httpx.post(front.url + "/v1/completions", headers=auth(),
                    json={"model": "smol", "prompt": "x", "max_tokens": 1, "grammar": "root ::= ("})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_argument"
+
+
+def test_queue_full_is_429(front: Front) -> None:
+    body = {"model": "one-slot", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=120) as h:
+        with h.stream("POST", front.url + "/v1/completions", headers=auth(), json=body) as running:
+            assert running.status_code == 200
+            for line in running.iter_lines():
+                if line.startswith("data: "):
+                    break  # the only slot is generating
+            r = h.post(front.url + "/v1/completions", headers=auth(),
+                       json={"model": "one-slot", "prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["type"] == "rate_limit_error" and "retry later" in r.json()["error"]["message"]
+    front.run(front.manager.stop("one-slot"))
 
 
 def test_rpc_status_map_to_http() -> None:
