@@ -87,7 +87,7 @@ class Probe(Backend):
         self._track(1)
         try:
             for i in range(int(request.Tokens)):
-                self._work("work:0.02", ctx)
+                self._work(request.Prompt or "work:0.02", ctx)
                 yield pb.Reply(message=str(i).encode())
         finally:
             self._track(-1)
@@ -218,6 +218,34 @@ async def test_cancelled_caller_is_bounded_but_its_worker_keeps_the_model(monkey
         assert (await rt.free(_ctx("Free"))).success  # Free waited for the worker
         assert time.monotonic() - t_cancel >= 1.0
         assert backend.violations == 0
+    finally:
+        rt.shutdown()
+
+
+async def test_cancelled_stream_with_a_stubborn_worker_is_not_closed_under_it(monkeypatch: pytest.MonkeyPatch):
+    """The consumer goes away while next() is still running: no "generator already executing",
+    the caller returns within the bound, and Free waits for the worker."""
+    monkeypatch.setattr(runtime_mod, "CANCEL_WAIT_S", 0.2)
+    backend = Probe()
+    rt = await _loaded(backend)
+    try:
+        got: list[bytes] = []
+
+        async def consume() -> None:
+            async for r in rt.stream("PredictStream", pb.PredictOptions(Prompt="stubborn:0.8", Tokens=3),
+                                     _ctx("PredictStream")):
+                got.append(r.message)
+
+        task = asyncio.create_task(consume())
+        while not got:
+            await asyncio.sleep(0.01)
+        t_cancel = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - t_cancel < 0.7
+        assert (await rt.free(_ctx("Free"))).success
+        assert backend.violations == 0 and backend.lifecycle.in_flight() == 0
     finally:
         rt.shutdown()
 

@@ -150,7 +150,9 @@ class BackendRuntime:
             if not finished:
                 ctx.cancel()
                 close = getattr(iterator, "close", None)
-                if close is not None:
+                if close is not None and not (lease is not None and lease.deferred):
+                    # (a deferred lease: a worker is still inside next(); closing now would
+                    # raise "generator already executing"; it ends on ctx.cancel() instead)
                     await self._run_blocking(ctx, close, lease=lease)
 
     # ---- lifecycle rpcs ---------------------------------------------------------
