@@ -295,7 +295,7 @@ async def test_bad_load_requests_fail_the_load(backend, options, match):
     assert not result.success and match in result.message
 
 
-def test_model_named_by_path_and_by_alias(tmp_path):
+def test_model_named_by_path_and_by_alias(tmp_path, speech):
     from inferd.engines.audio import packaged
 
     vad_file = packaged.silero_vad_model()
@@ -305,6 +305,13 @@ def test_model_named_by_path_and_by_alias(tmp_path):
                                    CallContext("LoadModel"))
     assert str(vad_file) in b.load(pb.ModelOptions(Model="silero-vad", ModelPath=str(tmp_path)),
                                    CallContext("LoadModel"))
+    # the classic one-window-per-call export gives exactly the same segments as the block one
+    streaming = packaged.silero_vad_model("streaming")
+    assert "streaming model" in b.load(pb.ModelOptions(ModelFile=str(streaming)), CallContext("LoadModel"))
+    audio = np.concatenate([np.zeros(8000, np.float32), load_audio(speech, 16000), np.zeros(8000, np.float32)])
+    by_window = b.vad(pb.VADRequest(audio=audio.tolist()), CallContext("VAD"))
+    assert "sequence model" in b.load(pb.ModelOptions(), CallContext("LoadModel"))
+    assert b.vad(pb.VADRequest(audio=audio.tolist()), CallContext("VAD")) == by_window and by_window.segments
     models = tmp_path / "models"
     models.mkdir()
     confined = SileroVadBackend(settings=settings_with(models_dir=str(models)))
@@ -478,7 +485,7 @@ async def test_cancelling_transcription_stops_decoding(whisper, speech, tmp_path
 # ---- LoadModel / Free with calls in flight -----------------------------------------------------
 async def test_free_and_load_while_vad_calls_are_in_flight():
     backend = SileroVadBackend()
-    audio = (np.sin(np.arange(16000 * 20) / 7.0) * 0.3).astype(np.float32).tolist()
+    audio = (np.sin(np.arange(16000 * 90) / 7.0) * 0.3).astype(np.float32).tolist()
     async with running_server(backend) as server:
         client = await _client(server)
         assert (await client.load_model(pb.ModelOptions(), timeout=30)).success
@@ -491,7 +498,8 @@ async def test_free_and_load_while_vad_calls_are_in_flight():
                 return exc.code
 
         calls = [asyncio.ensure_future(one()) for _ in range(4)]
-        await asyncio.sleep(0.05)
+        while not backend.busy():
+            await asyncio.sleep(0.005)
         assert (await client.free(timeout=30)).success
         assert (await client.load_model(pb.ModelOptions(), timeout=30)).success
         results = await asyncio.gather(*calls)

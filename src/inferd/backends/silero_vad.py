@@ -4,8 +4,9 @@ Translation only; the engine is ``inferd.engines.audio.vad`` (see docs/audio.md)
 
 LoadModel
     The model is ``ModelFile``/``ModelPath``/``Model`` (inferd's one location rule), or the
-    ONNX file shipped in the ``silero-vad`` wheel when nothing is named or ``Model`` is
-    ``silero-vad``. ``Threads`` (default 1: one 32 ms window at a time gains nothing
+    block ("sequence") ONNX export shipped in the ``silero-vad`` wheel when nothing is named or
+    ``Model`` is ``silero-vad``; the classic one-window-per-call ``silero_vad.onnx`` (what
+    LocalAI's silero-vad backend loads) works too and gives the same segments, ~3x slower. ``Threads`` (default 1: one 32 ms window at a time gains nothing
     from more). ``Options`` (``key:value``): ``threshold`` (0.5), ``neg_threshold``
     (threshold - 0.15), ``min_speech_ms`` (250), ``min_silence_ms`` (100),
     ``speech_pad_ms`` (30), ``max_speech_s`` (unbounded); LocalAI's silero-vad defaults.
@@ -29,7 +30,7 @@ from inferd.engines.audio.vad import SAMPLE_RATE, SileroVad, VadConfig
 from inferd.limits import thread_count
 from inferd.proto import backend_pb2 as pb
 
-ALIASES = ("silero-vad", "silero_vad", "silero_vad.onnx")
+ALIASES = ("silero-vad", "silero_vad")
 OPTIONS = {"threshold": float, "neg_threshold": float, "min_speech_ms": float, "min_silence_ms": float,
            "speech_pad_ms": float, "max_speech_s": float}
 
@@ -44,7 +45,7 @@ class SileroVadBackend(AudioBackend):
         path = self.locate_model(options, ALIASES, packaged.silero_vad_model)
         threads = thread_count(options.Threads, "Threads", default=1)
         self.engine = SileroVad(path, threads, config)
-        return (f"loaded {path} ({threads} thread(s); threshold {config.threshold}, min speech "
+        return (f"loaded {path} ({self.engine.kind} model, {threads} thread(s); threshold {config.threshold}, min speech "
                 f"{config.min_speech_ms:g} ms, min silence {config.min_silence_ms:g} ms, pad {config.speech_pad_ms:g} ms)")
 
     def vad(self, request: pb.VADRequest, ctx: CallContext) -> pb.VADResponse:

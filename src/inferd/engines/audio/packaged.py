@@ -29,10 +29,11 @@ def _existing(path: Path, pip_name: str) -> Path:
     return path
 
 
-def silero_vad_model() -> Path:
-    """``silero_vad/data/silero_vad.onnx`` from the ``silero-vad`` wheel (v5/v6, opset 16)."""
-    return _existing(package_dir("silero_vad", "silero-vad==6.2.3") / "data" / "silero_vad.onnx",
-                     "silero-vad==6.2.3")
+def silero_vad_model(kind: str = "sequence") -> Path:
+    """The Silero VAD ONNX file of the ``silero-vad`` wheel: ``sequence`` (block model, the
+    default) or ``streaming`` (``silero_vad.onnx``, one window per call)."""
+    name = "silero_vad_16k_sequence.onnx" if kind == "sequence" else "silero_vad.onnx"
+    return _existing(package_dir("silero_vad", "silero-vad==6.2.3") / "data" / name, "silero-vad==6.2.3")
 
 
 def piper_voice_model() -> Path:

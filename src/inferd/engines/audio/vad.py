@@ -1,15 +1,22 @@
 """Silero VAD on onnxruntime (no torch): float32 16 kHz mono -> speech segments in seconds.
 
-The model is stateful: it reads 512-sample windows (32 ms) plus the previous window's
-last 64 samples, and carries a (2, 1, 128) recurrent state. ``SileroVad.segments`` walks
-the input window by window and feeds each speech probability to ``Segmenter``, an online
-version of silero's ``get_speech_timestamps`` (threshold with hysteresis, minimum
-speech/silence durations, padding, a maximum segment length) that keeps only the current
-segment and the one before it. Memory stays constant however long the input is: no
-probability history and no tensor list are held, and cancellation is checked between
-blocks of windows.
+Two exports of the same model are understood (told apart by their inputs):
 
-The sessions' state is per call, so one ``SileroVad`` serves concurrent calls.
+* the **sequence** model (``silero_vad_16k_sequence.onnx``, the packaged default): one ONNX
+  call per block of up to ``BLOCK_FRAMES`` windows (512 x 32 ms = 16.4 s), bit-exact with the
+  streaming model; the whole block runs inside onnxruntime with the GIL released, so a long
+  input is processed in chunks at C speed (see the wheel's ``sequence_vad.py``);
+* the classic **streaming** model (``silero_vad.onnx``, what LocalAI's silero-vad backend
+  loads): one call per 512-sample window plus 64 samples of context, a (2, 1, 128) state
+  carried in Python.
+
+Either way each window's speech probability goes to ``Segmenter``, an online version of
+silero's ``get_speech_timestamps`` (threshold with hysteresis, minimum speech/silence
+durations, padding, a maximum segment length) that keeps only the current segment and the
+one before it. Memory beyond the input stays constant however long it is (one block of
+windows, no probability history), and cancellation is checked between blocks.
+
+State is per call, so one ``SileroVad`` serves concurrent calls.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from inferd.errors import Cancelled, InvalidArgument, LoadError
 SAMPLE_RATE = 16000
 WINDOW = 512
 CONTEXT = 64
-_CHECK_EVERY = 64  # windows (~2 s of audio) between cancellation checks
+_CHECK_EVERY = 64  # windows (~2 s of audio) between cancellation checks (streaming model)
+BLOCK_FRAMES = 512  # windows per ONNX call of the sequence model (16.4 s)
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,11 @@ class SileroVad:
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
             raise LoadError(f"silero-vad: cannot load {model_path}: {exc}") from None
         names = {i.name for i in self.session.get_inputs()}
-        if not {"input", "state", "sr"} <= names:
+        if {"input", "h", "c"} <= names:
+            self.kind = "sequence"
+        elif {"input", "state", "sr"} <= names:
+            self.kind = "streaming"
+        else:
             raise LoadError(f"silero-vad: {model_path} is not a Silero VAD v5+ model (inputs {sorted(names)})")
         self.model_path = model_path
         self.threads = threads
@@ -157,6 +169,32 @@ class SileroVad:
 
     def probabilities(self, samples: np.ndarray, cancelled: Callable[[], bool] = lambda: False) -> Iterator[float]:
         """Speech probability of each 512-sample window (the last one zero-padded)."""
+        if self.kind == "sequence":
+            return self._sequence_probabilities(samples, cancelled)
+        return self._streaming_probabilities(samples, cancelled)
+
+    def _sequence_probabilities(self, samples: np.ndarray, cancelled: Callable[[], bool]) -> Iterator[float]:
+        hidden = np.zeros((1, 1, 128), dtype=np.float32)
+        cell = np.zeros((1, 1, 128), dtype=np.float32)
+        context = np.zeros(CONTEXT, dtype=np.float32)
+        windows = -(-samples.shape[0] // WINDOW)
+        for first in range(0, windows, BLOCK_FRAMES):
+            if cancelled():
+                raise Cancelled("VAD cancelled")
+            count = min(BLOCK_FRAMES, windows - first)
+            chunk = samples[first * WINDOW:(first + count) * WINDOW]
+            frames = np.zeros((count, WINDOW), dtype=np.float32)
+            frames.reshape(-1)[:chunk.shape[0]] = chunk  # the last window zero-padded
+            block = np.empty((count, CONTEXT + WINDOW), dtype=np.float32)
+            block[:, CONTEXT:] = frames
+            block[0, :CONTEXT] = context  # each window sees the previous one's last 64 samples
+            block[1:, :CONTEXT] = frames[:-1, -CONTEXT:]
+            context = frames[-1, -CONTEXT:].copy()
+            probs, hidden, cell = self.session.run(["speech_probs", "hn", "cn"],
+                                                   {"input": block, "h": hidden, "c": cell})
+            yield from (float(p) for p in np.asarray(probs).reshape(-1))
+
+    def _streaming_probabilities(self, samples: np.ndarray, cancelled: Callable[[], bool]) -> Iterator[float]:
         state = np.zeros((2, 1, 128), dtype=np.float32)
         context = np.zeros(CONTEXT, dtype=np.float32)
         buf = np.empty((1, CONTEXT + WINDOW), dtype=np.float32)
