@@ -1,6 +1,8 @@
 """``make fuzz``: fuzz every rpc of every registered backend, 10k cases per rpc by default.
 
-Prints, per backend, a table of reply status codes per rpc, then every finding (a reply
+Besides the random cases, the full sweep sends every field of every request each of its
+type's most hostile values once (NaN/inf, integer extremes, wrong enums, hostile JSON in
+JSON-carrying strings, 100k-element repeated fields). Prints, per backend, a table of reply status codes per rpc, then every finding (a reply
 that was INTERNAL/UNKNOWN or another non-deliberate status, a reply past its deadline, a
 reply that does not parse, or a server that stopped answering Health). Exit status 1 when
 there is any finding. The generator and the checks are tests/reliability/fuzzing.py.
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", action="append", help="backend(s) to fuzz (default: every registered one)")
     parser.add_argument("--deadline", type=float, default=2.0, help="per-call deadline in seconds")
     parser.add_argument("--concurrency", type=int, default=4, help="calls in flight")
+    parser.add_argument("--sweep", choices=("full", "quick", "off"), default="full",
+                        help="also send every field's hostile values once (full: every field of every rpc)")
     parser.add_argument("--quiet", action="store_true", help="no per-rpc progress lines")
     args = parser.parse_args(argv)
 
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {backend}: {args.cases} cases per rpc, seed {args.seed}", flush=True)
         try:
             report = fuzz_backend(backend, args.cases, args.seed, deadline=args.deadline,
-                                  concurrency=args.concurrency,
+                                  concurrency=args.concurrency, sweep=args.sweep,
                                   progress=None if args.quiet else lambda line: print("  " + line, flush=True))
         except BackendUnavailable as exc:
             print(f"  skipped: {exc}")

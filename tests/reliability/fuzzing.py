@@ -308,8 +308,81 @@ def seed_bytes(rpc: Rpc, load: pb.ModelOptions | None) -> bytes:
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # mutant | random | frame:<what>
+    kind: str  # mutant | random | frame:<what> | sweep:<field>
     data: bytes
+
+
+# ---- the sweep: every field of a request gets each of its type's most hostile values once ----------
+#: String fields that carry JSON (parsed by a backend): they get the hostile JSON documents.
+JSON_FIELDS = frozenset({"LogitBias", "Grammar", "Tools", "ToolChoice", "tool_calls", "Metadata"})
+_HOSTILE_JSON = ("[" * 50_000, '{"a":' * 65 + "1" + "}" * 65, "[" + "1," * 300_000 + "1]", '{"1": NaN}',
+                 "{not json", '{"type": "object", "properties": {"a": {"$ref": "#"}}}')
+
+
+def _sweep_values(fd: FieldDescriptor, max_bytes: int) -> list[bytes]:
+    """Encoded hostile values of one field (one encoding per value, as a field to append)."""
+    t = fd.type
+    if fd.type == T.TYPE_MESSAGE:
+        if _is_repeated(fd):
+            one = length_delimited(fd.number, b"")
+            return [one * min(100_000, 2 * max_bytes // max(1, len(one)))]
+        return [length_delimited(fd.number, tag(9999, WT_VARINT) + varint(1))]  # unknown field inside
+    if _is_repeated(fd):
+        if t in (T.TYPE_STRING, T.TYPE_BYTES):
+            return [(tag(fd.number, WT_LEN) + varint(1) + b"a") * 100_000]
+        floating = t in (T.TYPE_FLOAT, T.TYPE_DOUBLE)
+        wt, data = encode_scalar(t, 1.5 if floating else 1)
+        out = [length_delimited(fd.number, data * 100_000)]
+        if floating:  # NaN/inf inside an otherwise valid vector
+            out += [length_delimited(fd.number, encode_scalar(t, v)[1] + data * 2) for v in (math.nan, math.inf)]
+        return out
+    if t in (T.TYPE_FLOAT, T.TYPE_DOUBLE):
+        values: list[Any] = [math.nan, math.inf, -math.inf, -1.0]
+    elif t in _INT_RANGES:
+        lo, hi = _INT_RANGES[t]
+        values = [hi, lo if lo < 0 else hi - 1, -1 if lo < 0 else 0]
+    elif t == T.TYPE_BOOL:
+        values = [2]
+    elif t == T.TYPE_ENUM:
+        values = [99, -1]
+    elif t == T.TYPE_STRING:
+        values = list(_HOSTILE_JSON) if fd.name in JSON_FIELDS else [
+            "../../../../etc/passwd", "\x00", "{{ ''.__class__ }}", "x" * (1 << 20)]
+        values.append(b"\xff\xfe")
+    else:  # bytes
+        values = [b"\xff\xfe\x00", bytes(range(256)) * 4096]
+    out = []
+    for v in values:
+        wt, data = encode_scalar(t, v)
+        out.append(tag(fd.number, wt) + data)
+    return out
+
+
+def sweep_cases(rpc: Rpc, load: pb.ModelOptions | None = None, quick: bool = False,
+                max_bytes: int = 1 << 20) -> list[Case]:
+    """The seed request with one field overwritten by each of its hostile values, for every field.
+
+    ``quick``: only JSON-carrying strings (also inside ``Messages``) and floats (NaN/inf), the
+    fields where a missing bound hides; the full sweep (``make fuzz``) covers every field.
+    """
+    seed = seed_bytes(rpc, load)
+    cases = []
+    for fd in rpc.request.DESCRIPTOR.fields:
+        if fd.type == T.TYPE_MESSAGE and not fd.message_type.GetOptions().map_entry:
+            for inner in fd.message_type.fields:  # one level down: Messages[0].tool_calls...
+                if quick and not (inner.name in JSON_FIELDS or inner.type in (T.TYPE_FLOAT, T.TYPE_DOUBLE)):
+                    continue
+                if inner.type == T.TYPE_MESSAGE:
+                    continue
+                for value in _sweep_values(inner, max_bytes):
+                    cases.append(Case(f"sweep:{fd.name}.{inner.name}", seed + length_delimited(fd.number, value)))
+            if quick:
+                continue
+        elif quick and not (fd.name in JSON_FIELDS or fd.type in (T.TYPE_FLOAT, T.TYPE_DOUBLE)):
+            continue
+        for value in _sweep_values(fd, max_bytes):
+            cases.append(Case(f"sweep:{fd.name}", seed + value))
+    return cases
 
 
 def generate(rng: random.Random, rpc: Rpc, load: pb.ModelOptions | None = None,
@@ -428,21 +501,27 @@ def fuzz_rpcs(channel: grpc.Channel, rpcs: Iterable[Rpc], cases: int, seed: int,
               load: pb.ModelOptions | None = None, deadline: float = 2.0, slack: float = 1.5,
               concurrency: int = 4, batch: int = 200, max_bytes: int = 1 << 20,
               alive: Callable[[], bool] | None = None, after_rpc: Callable[[Rpc], None] | None = None,
-              report: Report | None = None, progress: Callable[[str], None] | None = None) -> Report:
+              report: Report | None = None, progress: Callable[[str], None] | None = None,
+              sweep: str = "off") -> Report:
     """Fuzz each rpc with ``cases`` cases; check ``alive()`` after every batch of ``batch`` cases.
 
     Each rpc gets its own ``random.Random(seed, rpc)`` stream, so a finding reproduces from
     the seed and the rpc name alone. Stops at the first batch after which the server is dead.
+    ``sweep`` adds ``sweep_cases`` first: "full" for every rpc, "quick" for the rpcs the backend
+    implements (a seed request that does not answer UNIMPLEMENTED), "off" for none.
     """
     report = report or Report()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for rpc in rpcs:
             rng = random.Random(f"{seed}:{rpc.path}")
             counter = report.counts.setdefault(rpc.path, Counter())
+            pending = _sweep_for(channel, rpc, load, sweep, max_bytes)
+            total = cases + len(pending)
             done = 0
-            while done < cases:
-                n = min(batch, cases - done)
-                batch_cases = [generate(rng, rpc, load, max_bytes) for _ in range(n)]
+            while done < total:
+                n = min(batch, total - done)
+                batch_cases = pending[:n] + [generate(rng, rpc, load, max_bytes) for _ in range(n - len(pending[:n]))]
+                pending = pending[n:]
                 for code, finding in pool.map(lambda c, r=rpc: run_case(channel, r, c, deadline, slack), batch_cases):
                     counter[code] += 1
                     if finding is not None:
@@ -456,6 +535,18 @@ def fuzz_rpcs(channel: grpc.Channel, rpcs: Iterable[Rpc], cases: int, seed: int,
             if progress is not None:
                 progress(f"{rpc.path}: {dict(counter)}")
     return report
+
+
+def _sweep_for(channel: grpc.Channel, rpc: Rpc, load: pb.ModelOptions | None, sweep: str,
+               max_bytes: int) -> list[Case]:
+    if sweep == "full":
+        return sweep_cases(rpc, load, quick=False, max_bytes=max_bytes)
+    if sweep != "quick" or rpc.name in ("LoadModel", "Free") or rpc.request.DESCRIPTOR.name == "ModelOptions":
+        return []
+    code, _, _ = call_raw(channel, rpc, seed_bytes(rpc, load), 30.0)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return []
+    return sweep_cases(rpc, load, quick=True, max_bytes=max_bytes)
 
 
 def ordered_rpcs(include_llm: bool = True) -> list[Rpc]:

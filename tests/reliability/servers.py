@@ -69,6 +69,8 @@ class ServerProc:
     address: str
     stderr_path: str
     _channel: grpc.Channel | None = field(default=None, repr=False)
+    #: The result of the suite's LoadModel when ``spawn_all(load=True)`` made it.
+    loaded: pb.Result | None = None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -166,6 +168,32 @@ def spawn(backend: str, *args: str, env: dict[str, str] | None = None, limits: d
 
     threading.Thread(target=proc.stdout.read, daemon=True).start()
     return server
+
+
+def spawn_all(backends: list[str], *args: str, load: bool = False,
+              **kwargs: object) -> dict[str, ServerProc | Exception]:
+    """``spawn`` every backend at once (start-up is mostly imports: overlapping them saves time).
+
+    Each value is the server or the exception its start raised (``BackendUnavailable``...).
+    With ``load``, each server also gets LoadModel with the suite's options; the result is
+    kept in ``ServerProc.loaded``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start(name: str) -> ServerProc | Exception:
+        try:
+            server = spawn(name, *args, **kwargs)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - reported per backend by the caller
+            return exc
+        if load:
+            try:
+                server.loaded = server.load()
+            except grpc.RpcError as exc:
+                server.loaded = pb.Result(success=False, message=f"{exc.code().name}: {exc.details()}")
+        return server
+
+    with ThreadPoolExecutor(max_workers=max(1, len(backends))) as pool:
+        return dict(zip(backends, pool.map(start, backends), strict=True))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import pytest
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import LLM_RPCS, RPCS, Rpc
 from tests.certs import make_pki
-from tests.reliability.servers import BackendUnavailable, ServerProc, registered_backends, spawn
+from tests.reliability.servers import BackendUnavailable, ServerProc, registered_backends, spawn, spawn_all
 
 KEY = "reliability-key"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -70,21 +70,35 @@ def _spawned(backend: str, *args: str) -> Iterator[ServerProc]:
         server.close()
 
 
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[dict[str, ServerProc | Exception]]:
+    """Every registered backend behind an API key, started at once (no model loaded)."""
+    servers = spawn_all(registered_backends(), "--require-api-key", "true", "--api-key", KEY)
+    yield servers
+    for server in servers.values():
+        if isinstance(server, ServerProc):
+            server.close()
+
+
 @pytest.mark.parametrize("backend", registered_backends())
-def test_every_rpc_refuses_missing_or_wrong_credentials(backend: str) -> None:
-    with _spawned(backend, "--require-api-key", "true", "--api-key", KEY) as server:
-        channel = server.channel()
-        wrong = []
-        for path, kind in _every_method():
-            for label, metadata in BAD_CREDENTIALS.items():
-                code = _code(channel, path, kind, metadata)
-                if code != grpc.StatusCode.UNAUTHENTICATED:
-                    wrong.append(f"{path} with {label}: {code.name}")
-        assert not wrong, "\n".join(wrong)
-        good = (("x-api-key", KEY),)
-        assert _code(channel, RPCS["Health"].path, "unary", good) == grpc.StatusCode.OK
-        assert _code(channel, RPCS["Status"].path, "unary", (("authorization", f"Bearer {KEY}"),)) == grpc.StatusCode.OK
-        assert _code(channel, HEALTH_CHECK, "unary", good) == grpc.StatusCode.OK
+def test_every_rpc_refuses_missing_or_wrong_credentials(backend: str, keyed) -> None:
+    server = keyed[backend]
+    if isinstance(server, BackendUnavailable):
+        pytest.skip(str(server))
+    if isinstance(server, Exception):
+        raise server
+    channel = server.channel()
+    wrong = []
+    for path, kind in _every_method():
+        for label, metadata in BAD_CREDENTIALS.items():
+            code = _code(channel, path, kind, metadata)
+            if code != grpc.StatusCode.UNAUTHENTICATED:
+                wrong.append(f"{path} with {label}: {code.name}")
+    assert not wrong, "\n".join(wrong)
+    good = (("x-api-key", KEY),)
+    assert _code(channel, RPCS["Health"].path, "unary", good) == grpc.StatusCode.OK
+    assert _code(channel, RPCS["Status"].path, "unary", (("authorization", f"Bearer {KEY}"),)) == grpc.StatusCode.OK
+    assert _code(channel, HEALTH_CHECK, "unary", good) == grpc.StatusCode.OK
 
 
 # ---- TLS and mTLS on a real backend process ----------------------------------------------------
@@ -123,7 +137,8 @@ EVIL_TEMPLATES = {
     "extends a file": "{% extends '/etc/hostname' %}",
     "mutate the input": "{{ messages.append({'role': 'system', 'content': 'pwned'}) }}",
     "huge range": "{% for i in range(10**9) %}{% endfor %}",
-    "private attribute": "{{ messages[0]._TemplateReference__context }}",
+    "function globals": "{{ raise_exception.__globals__ }}",
+    "format string escape": "{{ '{0.__class__.__mro__}'.format(messages) }}",
 }
 
 

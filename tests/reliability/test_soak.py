@@ -15,7 +15,7 @@ SECONDS = float(os.environ.get("INFERD_SOAK_SECONDS", "9"))
 
 
 async def test_sixteen_clients_mixing_rpcs_leave_no_trace(trio) -> None:
-    await run_level(trio, 16, 3.0)  # warm-up: lazily created pools and caches are not leaks
+    await run_level(trio, 16, 3.0, settle=2.0)  # warm-up: lazily created pools and caches are not leaks
     result = await run_level(trio, 16, SECONDS)
     print("\n" + OPS_HEADER + "\n" + "\n".join(result.rows()))
     print(SERVERS_HEADER + "\n" + "\n".join(result.server_rows()))
