@@ -79,21 +79,21 @@ class ReflectionServicer:
                     service=[rpb.ServiceResponse(name=n) for n in self.service_names]))
         if kind == "file_by_filename":
             file = self._find(lambda p: p.FindFileByName(request.file_by_filename))
-            return self._files(request, file, f"file {request.file_by_filename!r}")
+            return self._files(request, file, f"file {_shown(request.file_by_filename)}")
         if kind == "file_containing_symbol":
             symbol = request.file_containing_symbol
-            return self._files(request, self.file_containing_symbol(symbol), f"symbol {symbol!r}")
+            return self._files(request, self.file_containing_symbol(symbol), f"symbol {_shown(symbol)}")
         if kind == "file_containing_extension":
             ext = request.file_containing_extension
             file = self._find(lambda p: p.FindExtensionByNumber(
                 p.FindMessageTypeByName(ext.containing_type), ext.extension_number).file)
-            return self._files(request, file, f"extension {ext.extension_number} of {ext.containing_type!r}")
+            return self._files(request, file, f"extension {ext.extension_number} of {_shown(ext.containing_type)}")
         if kind == "all_extension_numbers_of_type":
             name = request.all_extension_numbers_of_type
             found = self._find(lambda p: (p.FindMessageTypeByName(name),
                                           sorted(e.number for e in p.FindAllExtensions(p.FindMessageTypeByName(name)))))
             if found is None:
-                return _error(request, _NOT_FOUND, f"message type {name!r} not found")
+                return _error(request, _NOT_FOUND, f"message type {_shown(name)} not found")
             message, numbers = found
             return rpb.ServerReflectionResponse(
                 valid_host=request.host, original_request=request,
@@ -165,6 +165,11 @@ class ReflectionServicer:
             file.CopyToProto(proto)
             data = self._serialized[file.name] = proto.SerializeToString()
         return data
+
+
+def _shown(name: str, limit: int = 200) -> str:
+    """A name for an error message: quoted, and cut if a client sent something huge."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
 
 
 def _error(request: rpb.ServerReflectionRequest, code: int, message: str) -> rpb.ServerReflectionResponse:
