@@ -37,8 +37,10 @@ async def soak(levels: list[int], seconds: float, warmup: float, store_path: str
             "sentence-embeddings": stack.enter_context(serving("sentence-embeddings")),
             "local-store": stack.enter_context(serving("local-store", *store_args)),
         }
-        print(f"warm-up: 16 clients for {warmup:.0f}s", flush=True)
-        await run_level(servers, 16, warmup)
+        # Warm up at the highest level: bounded pools (the runtime's worker threads, grpc's
+        # event engine) grow to what that load needs; growth past that afterwards is a leak.
+        print(f"warm-up: {max(levels)} clients for {warmup:.0f}s", flush=True)
+        await run_level(servers, max(levels), warmup)
         results = []
         for clients in levels:
             load_before = os.getloadavg()[0]
@@ -68,7 +70,8 @@ async def soak(levels: list[int], seconds: float, warmup: float, store_path: str
                 after = f.idle_after or f.idle_before
                 if after.threads > f.idle_before.threads or after.fds > f.idle_before.fds:
                     failures.append(f"{r.clients} clients: {name} threads/fds not back to baseline "
-                                    f"({f.idle_before.threads}/{f.idle_before.fds} -> {after.threads}/{after.fds})")
+                                    f"({f.idle_before.threads}/{f.idle_before.fds} -> {after.threads}/{after.fds}; "
+                                    f"more threads named {f.idle_before.thread_diff(after)})")
         print()
         print("cores:", os.cpu_count(), "| load average now:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
         print("RESULT:", "PASS" if not failures else "FAIL\n  " + "\n  ".join(failures))

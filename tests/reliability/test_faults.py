@@ -196,6 +196,7 @@ def test_full_store_directory_gives_a_clear_error_and_keeps_acknowledged_writes(
                     break
                 acked[i] = value
             assert failure is not None, "the disk never filled up"
+            print(f"\nafter {len(acked)} acknowledged writes: {failure.code().name}: {failure.details()}")
             assert failure.code().name in CLEAR_STORE_ERRORS, (failure.code(), failure.details())
             assert any(w in failure.details().lower() for w in ("space", "too large", "disk", "quota")), \
                 failure.details()
