@@ -179,7 +179,7 @@ def request_fields(message: Any) -> dict[str, Any]:
         value = getattr(message, field.name)
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = dict(value)
-        elif field.label == field.LABEL_REPEATED:
+        elif getattr(field, "is_repeated", None) or getattr(field, "label", None) == 3:  # protobuf 7 / older
             out[field.name] = list(value)
         else:
             out[field.name] = value

@@ -45,7 +45,12 @@ def _float(fields: dict[str, Any], name: str, default: float, lo: float, hi: flo
     value = float(fields.get(name) or 0.0)
     if value == 0.0:
         return default
-    return finite_float(value, name, lo, hi)
+    return _as_typed(finite_float(value, name, lo, hi))
+
+
+def _as_typed(value: float) -> float:
+    """The decimal the client typed: proto floats are float32 (0.1 arrives as 0.10000000149)."""
+    return float(f"{value:.7g}")
 
 
 def _option_int(options: dict[str, str], key: str, default: int, lo: int, hi: int) -> int:
@@ -124,7 +129,7 @@ def plan_finetune(fields: dict[str, Any], job_id: str, models_dir: str | None = 
             resume_path = str(path)
 
     rank = _int(fields, "adapter_rank", 16, 1, 1024)
-    return {
+    params = {
         "job_id": job_id,
         "model": str(model),
         "dataset": str(data_path),
@@ -134,7 +139,7 @@ def plan_finetune(fields: dict[str, Any], job_id: str, models_dir: str | None = 
         "resume_from_checkpoint": resume_path,
         "rank": rank,
         "alpha": _float(fields, "adapter_alpha", 16.0, 1e-6, 1e6),
-        "dropout": finite_float(float(fields.get("adapter_dropout") or 0.0), "adapter_dropout", 0.0, 0.99),
+        "dropout": _as_typed(finite_float(float(fields.get("adapter_dropout") or 0.0), "adapter_dropout", 0.0, 0.99)),
         "target_modules": targets,
         "learning_rate": _float(fields, "learning_rate", 2e-4, 1e-12, 10.0),
         "num_epochs": _int(fields, "num_epochs", 3, 1, 100_000),
@@ -154,3 +159,18 @@ def plan_finetune(fields: dict[str, Any], job_id: str, models_dir: str | None = 
         "save_total_limit": _option_int(options, "save_total_limit", 0, 0, 1_000_000),
         "logging_steps": _option_int(options, "logging_steps", 1, 1, 1_000_000),
     }
+    if resume_path:
+        _check_resumable(Path(resume_path), params)
+    return params
+
+
+def _check_resumable(checkpoint: Path, params: dict[str, Any]) -> None:
+    """A resumed run must keep the adapter's shape and the optimizer whose state it restores."""
+    from inferd.engines.finetune.checkpoints import read_base_info
+
+    trained = read_base_info(checkpoint)
+    names = {"optimizer": "optimizer", "rank": "adapter_rank", "target_modules": "target_modules"}
+    for key, field in names.items():
+        if key in trained and trained[key] != params[key]:
+            raise InvalidArgument(f"the checkpoint was trained with {trained[key]!r}, not {params[key]!r}; "
+                                  "resume with the same value", field)

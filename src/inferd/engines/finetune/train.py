@@ -106,7 +106,8 @@ def build_trainer(p: dict[str, Any], channel: JobChannel | None) -> tuple[Any, A
     model.config.architectures = [type(model).__name__]  # what llama.cpp's converters key on
     model.config.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    _BASE.update({"model": p["model"], "base_config": str(base_dir)})
+    _BASE.update({"model": p["model"], "base_config": str(base_dir), "optimizer": p["optimizer"],
+                  "rank": int(p["rank"]), "target_modules": list(p.get("target_modules") or [])})
     _write_base_info(output_dir)
 
     emit(status="loading_dataset", message=f"tokenizing {p['dataset']}")
