@@ -155,7 +155,7 @@ def bench_wire(kind: str, n: int, nq: int, max_wait: float) -> None:
         during: list[float] = []
         base_during: list[float] = []
         i = 0
-        while server.breakdown().get("store_ann_building") and i < 50 * nq:
+        while server.breakdown().get("store_ann_building") and i < 3 * nq:
             a, b = alternate(ours, numpy_default, [i % nq], rounds=1)
             during += a
             base_during += b

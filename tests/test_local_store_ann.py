@@ -77,3 +77,20 @@ def test_finds_answer_exactly_while_a_low_priority_build_runs() -> None:
     assert s.stats()["ann_ef"] is not None, s.stats()
     assert s.find(data[5], 3).method == "ann"
     s.close()
+
+
+@pytest.mark.parametrize("scan", ["int8", "float32"])
+def test_thread_options_give_the_same_answers(scan: str) -> None:
+    """scan_threads and ann_build_threads above 1 run for real and change nothing in the answers."""
+    pytest.importorskip("hnswlib")
+    data = clustered(3000, 32, seed=8)
+    one = VectorStore(None, StoreConfig(ann="off", scan=scan))
+    two = VectorStore(None, StoreConfig(scan=scan, scan_threads=2, ann_build_threads=2, ann_threshold=3000,
+                                        ann_background=False, ann_probe_size=0, ann_time_ratio=1e9))
+    for s in (one, two):
+        s.set(data, [b"%d" % i for i in range(len(data))])
+    assert two.stats()["ann_ef"] is not None, two.stats()
+    for i in range(0, 3000, 150):
+        a, b = one.find(data[i], 10), two.exact_find(data[i], 10)
+        assert a.values == b.values and np.array_equal(a.similarities, b.similarities)
+        assert two.find(data[i], 1).values == [b"%d" % i]

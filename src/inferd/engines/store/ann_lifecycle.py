@@ -197,7 +197,11 @@ class AnnLifecycle:
         if held_ids is None:
             return
         if len(held):
-            truth = self._exact_truth(gen, held, held_ids)
+            # Calibrate against what the graph holds: entries deleted since are marked now,
+            # entries written since (not in the graph until the catch-up) are left out of the truth.
+            with self._lock:
+                index.remove(list(self._deleted_during_build))
+            truth = self._exact_truth(gen, held, held_ids, first_new)
             if truth is None:
                 return
             exact_ms = self._time_exact(gen, held[:5])
@@ -284,10 +288,12 @@ class AnnLifecycle:
                 self._exact_rows(q.astype(np.float64), 10)
             return (time.thread_time() - t0) / len(queries) * 1e3
 
-    def _exact_truth(self, gen: int, held: np.ndarray, held_ids: np.ndarray, k: int = 10) -> np.ndarray | None:
-        """Exact top-k ids of the held-out queries among the other entries, computed chunk by
-        chunk so the lock is held only to copy rows (rows moved by a concurrent delete may be
-        seen twice or missed: a negligible error in a recall estimate)."""
+    def _exact_truth(self, gen: int, held: np.ndarray, held_ids: np.ndarray, first_new: int,
+                     k: int = 10) -> np.ndarray | None:
+        """Exact top-k ids of the held-out queries among the graph's entries (ids below
+        ``first_new``, held-out ones excluded), computed chunk by chunk so the lock is held
+        only to copy rows (rows moved by a concurrent delete may be seen twice or missed: a
+        negligible error in a recall estimate)."""
         best_sims = np.full((len(held), k), -np.inf, dtype=np.float32)
         best_ids = np.full((len(held), k), -1, dtype=np.int64)
         start = 0
@@ -302,7 +308,7 @@ class AnnLifecycle:
                 chunk = t.keys[start:end] * t.inv32[start:end, None]
                 ids = t.ids[start:end].copy()
             sims = held @ chunk.T
-            sims[:, np.isin(ids, held_ids)] = -np.inf
+            sims[:, np.isin(ids, held_ids) | (ids >= first_new)] = -np.inf
             all_sims = np.concatenate([best_sims, sims], axis=1)
             all_ids = np.concatenate([best_ids, np.broadcast_to(ids, sims.shape)], axis=1)
             top = np.argpartition(-all_sims, k - 1, axis=1)[:, :k]
