@@ -331,16 +331,25 @@ def test_error_statuses(client: Any, front: Front) -> None:
 def test_queue_full_is_429(front: Front) -> None:
     body = {"model": "one-slot", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True,
             "temperature": 0, "stream": True}
-    with httpx.Client(timeout=120) as h:
-        with h.stream("POST", front.url + "/v1/completions", headers=auth(), json=body) as running:
-            assert running.status_code == 200
-            for line in running.iter_lines():
-                if line.startswith("data: "):
-                    break  # the only slot is generating
-            r = h.post(front.url + "/v1/completions", headers=auth(),
-                       json={"model": "one-slot", "prompt": "Hi", "max_tokens": 2})
-            assert r.status_code == 429, r.text
-            assert r.json()["error"]["type"] == "rate_limit_error" and "retry later" in r.json()["error"]["message"]
+
+    async def extra(h: httpx.AsyncClient) -> httpx.Response:
+        return await h.post(front.url + "/v1/completions", headers=auth(),
+                            json={"model": "one-slot", "prompt": "Hi", "max_tokens": 2})
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as h:
+            async with h.stream("POST", front.url + "/v1/completions", headers=auth(), json=body) as running:
+                assert running.status_code == 200
+                async for line in running.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # the only slot is generating; three more requests find no room
+                return list(await asyncio.gather(*(extra(h) for _ in range(3))))
+
+    replies = asyncio.run(scenario())
+    refused = [r for r in replies if r.status_code == 429]
+    assert refused, [(r.status_code, r.text[:200]) for r in replies]
+    err = refused[0].json()["error"]
+    assert err["type"] == "rate_limit_error" and "retry later" in err["message"]
     front.run(front.manager.stop("one-slot"))
 
 
