@@ -38,7 +38,9 @@ class HttpServer:
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False,
                                 timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # ours decide
+        # Signals belong to the host (``inferd up`` stops the front, then the backends): uvicorn
+        # must not swap in its own handlers while it serves.
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
