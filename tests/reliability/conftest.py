@@ -1,8 +1,10 @@
 """Servers shared by the non-destructive reliability tests (soak, cancellation).
 
 Starting llama-cpp and sentence-embeddings costs seconds each, so one set of processes serves
-every module that leaves them as it found them (READY, model loaded). Destructive tests
-(fuzzing LoadModel/Free, the lifecycle stress, faults) start their own.
+every module that leaves them as it found them (READY, model loaded): ``trio``. ``fleet`` is
+every registered backend behind an API key, started at once, shared by the fuzzer (which
+reloads the model after fuzzing LoadModel/Free) and the credential matrix (whose refused calls
+never reach a backend). The lifecycle stress and the faults start their own.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.reliability.servers import BackendUnavailable, ServerProc, serving
+from tests.reliability.fuzz_session import fuzz_args
+from tests.reliability.servers import BackendUnavailable, ServerProc, registered_backends, serving, spawn_all
+
+#: The API key of the fleet: every call of the suite sends it, the security matrix checks the rest.
+FLEET_KEY = "reliability-key"
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +31,24 @@ def trio() -> Iterator[dict[str, ServerProc]]:
         except BackendUnavailable as exc:
             pytest.skip(str(exc))
         yield servers
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Iterator[dict[str, ServerProc | Exception]]:
+    """Every registered backend (fuzzing flags and limits, API key ``FLEET_KEY``), loaded."""
+    args, limits = fuzz_args()
+    servers = spawn_all(registered_backends(), *args, load=True, limits=limits, api_key=FLEET_KEY)
+    yield servers
+    for server in servers.values():
+        if isinstance(server, ServerProc):
+            server.close()
+
+
+def fleet_member(fleet: dict[str, ServerProc | Exception], backend: str) -> ServerProc:
+    """The backend's server; skips when its engine is not installed, raises its start failure."""
+    server = fleet[backend]
+    if isinstance(server, BackendUnavailable):
+        pytest.skip(str(server))
+    if isinstance(server, Exception):
+        raise server
+    return server

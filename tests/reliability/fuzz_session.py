@@ -59,7 +59,8 @@ def fuzz_server(server: ServerProc, cases: int, seed: int, *, deadline: float = 
 
     fuzz_rpcs(server.channel(), ordered_rpcs(), cases, seed, load=load_options(backend),
               deadline=deadline, concurrency=concurrency, batch=batch, max_bytes=MAX_MESSAGE,
-              alive=alive, after_rpc=after_rpc, report=report, progress=progress, sweep=sweep)
+              alive=alive, after_rpc=after_rpc, report=report, progress=progress, sweep=sweep,
+              metadata=server.metadata)
     if report.dead is not None:
         report.dead += f"\nexit status {server.proc.poll()}; server stderr:\n{server.stderr_tail()}"
     return report

@@ -459,27 +459,29 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def call_raw(channel: grpc.Channel, rpc: Rpc, data: bytes, timeout: float) -> tuple[grpc.StatusCode, str, list[bytes]]:
+def call_raw(channel: grpc.Channel, rpc: Rpc, data: bytes, timeout: float,
+             metadata: tuple = ()) -> tuple[grpc.StatusCode, str, list[bytes]]:
     """Send ``data`` as the request of ``rpc``; return (code, details, reply frames)."""
     replies: list[bytes] = []
     try:
         if rpc.streaming:
             call = channel.unary_stream(rpc.path, request_serializer=_identity, response_deserializer=_identity)
-            for reply in call(data, timeout=timeout):
+            for reply in call(data, timeout=timeout, metadata=metadata):
                 replies.append(reply)
         else:
             call = channel.unary_unary(rpc.path, request_serializer=_identity, response_deserializer=_identity)
-            replies.append(call(data, timeout=timeout))
+            replies.append(call(data, timeout=timeout, metadata=metadata))
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or "", replies
     return grpc.StatusCode.OK, "", replies
 
 
-def run_case(channel: grpc.Channel, rpc: Rpc, case: Case, deadline: float, slack: float) -> tuple[str, Finding | None]:
+def run_case(channel: grpc.Channel, rpc: Rpc, case: Case, deadline: float, slack: float,
+             metadata: tuple = ()) -> tuple[str, Finding | None]:
     if rpc.name in ("LoadModel", "Free"):
         deadline = max(deadline, LIFECYCLE_DEADLINE)
     start = time.monotonic()
-    code, details, replies = call_raw(channel, rpc, case.data, deadline)
+    code, details, replies = call_raw(channel, rpc, case.data, deadline, metadata)
     elapsed = time.monotonic() - start
     problem = None
     if not deliberate(code, details):
@@ -502,7 +504,7 @@ def fuzz_rpcs(channel: grpc.Channel, rpcs: Iterable[Rpc], cases: int, seed: int,
               concurrency: int = 4, batch: int = 200, max_bytes: int = 1 << 20,
               alive: Callable[[], bool] | None = None, after_rpc: Callable[[Rpc], None] | None = None,
               report: Report | None = None, progress: Callable[[str], None] | None = None,
-              sweep: str = "off") -> Report:
+              sweep: str = "off", metadata: tuple = ()) -> Report:
     """Fuzz each rpc with ``cases`` cases; check ``alive()`` after every batch of ``batch`` cases.
 
     Each rpc gets its own ``random.Random(seed, rpc)`` stream, so a finding reproduces from
@@ -515,14 +517,14 @@ def fuzz_rpcs(channel: grpc.Channel, rpcs: Iterable[Rpc], cases: int, seed: int,
         for rpc in rpcs:
             rng = random.Random(f"{seed}:{rpc.path}")
             counter = report.counts.setdefault(rpc.path, Counter())
-            pending = _sweep_for(channel, rpc, load, sweep, max_bytes)
+            pending = _sweep_for(channel, rpc, load, sweep, max_bytes, metadata)
             total = cases + len(pending)
             done = 0
             while done < total:
                 n = min(batch, total - done)
                 batch_cases = pending[:n] + [generate(rng, rpc, load, max_bytes) for _ in range(n - len(pending[:n]))]
                 pending = pending[n:]
-                for code, finding in pool.map(lambda c, r=rpc: run_case(channel, r, c, deadline, slack), batch_cases):
+                for code, finding in pool.map(lambda c, r=rpc: run_case(channel, r, c, deadline, slack, metadata), batch_cases):
                     counter[code] += 1
                     if finding is not None:
                         report.findings.append(finding)
@@ -538,12 +540,12 @@ def fuzz_rpcs(channel: grpc.Channel, rpcs: Iterable[Rpc], cases: int, seed: int,
 
 
 def _sweep_for(channel: grpc.Channel, rpc: Rpc, load: pb.ModelOptions | None, sweep: str,
-               max_bytes: int) -> list[Case]:
+               max_bytes: int, metadata: tuple = ()) -> list[Case]:
     if sweep == "full":
         return sweep_cases(rpc, load, quick=False, max_bytes=max_bytes)
     if sweep != "quick" or rpc.name in ("LoadModel", "Free") or rpc.request.DESCRIPTOR.name == "ModelOptions":
         return []
-    code, _, _ = call_raw(channel, rpc, seed_bytes(rpc, load), 30.0)
+    code, _, _ = call_raw(channel, rpc, seed_bytes(rpc, load), 30.0, metadata)
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return []
     return sweep_cases(rpc, load, quick=True, max_bytes=max_bytes)

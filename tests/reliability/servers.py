@@ -71,6 +71,8 @@ class ServerProc:
     _channel: grpc.Channel | None = field(default=None, repr=False)
     #: The result of the suite's LoadModel when ``spawn_all(load=True)`` made it.
     loaded: pb.Result | None = None
+    #: Credentials sent with every call of the suite (set when spawned with ``api_key``).
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -87,13 +89,13 @@ class ServerProc:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def unary(self, rpc: str, request: object, timeout: float = 30.0, metadata: tuple = ()) -> object:
+    def unary(self, rpc: str, request: object, timeout: float = 30.0, metadata: tuple | None = None) -> object:
         from inferd.protocol import RPCS
 
         info = RPCS[rpc]
         method = self.channel().unary_unary(
             info.path, info.request.SerializeToString, info.response.FromString)
-        return method(request, timeout=timeout, metadata=metadata)
+        return method(request, timeout=timeout, metadata=self.metadata if metadata is None else metadata)
 
     def health(self, timeout: float = 5.0) -> bool:
         try:
@@ -132,22 +134,26 @@ CLIENT_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_sen
 
 
 def spawn(backend: str, *args: str, env: dict[str, str] | None = None, limits: dict[str, int] | None = None,
-          timeout: float = 120.0) -> ServerProc:
+          timeout: float = 120.0, api_key: str | None = None) -> ServerProc:
     """Start ``inferd serve --backend BACKEND ARGS`` on a free loopback port, model NOT loaded.
 
     Returns once the server printed its "listening on" line. ``limits`` maps resource names
-    (``RLIMIT_AS``...) to values applied in the child before inferd starts. Raises
+    (``RLIMIT_AS``...) to values applied in the child before inferd starts; with ``api_key``
+    the server requires it and the suite's own calls send it. Raises
     ``BackendUnavailable`` when the backend cannot be imported here.
     """
     port = free_port()
     serve = ["serve", "--backend", backend, "--host", "127.0.0.1", "--port", str(port),
              "--load-on-start", "false", *args]
+    if api_key:
+        serve += ["--require-api-key", "true", "--api-key", api_key]
     cmd = [sys.executable, "-c", _LAUNCH, json.dumps(limits or {}), *serve]
     fd, stderr_path = tempfile.mkstemp(prefix=f"inferd-{backend}-", suffix=".log")
     with os.fdopen(fd, "w") as errors:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, env=inferd_env(**(env or {})),
                                 text=True)
-    server = ServerProc(backend, proc, f"127.0.0.1:{port}", stderr_path)
+    server = ServerProc(backend, proc, f"127.0.0.1:{port}", stderr_path,
+                        metadata=(("x-api-key", api_key),) if api_key else ())
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     while True:

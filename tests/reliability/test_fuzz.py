@@ -10,36 +10,20 @@ the seed.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
-from tests.reliability.fuzz_session import fuzz_args, fuzz_server
-from tests.reliability.servers import ServerProc, registered_backends, spawn_all
+from tests.reliability.conftest import fleet_member
+from tests.reliability.fuzz_session import fuzz_server
+from tests.reliability.servers import registered_backends
 
 CASES = int(os.environ.get("INFERD_FUZZ_CASES", "6"))
 SEED = int(os.environ.get("INFERD_FUZZ_SEED", "20261130"))
 
 
-@pytest.fixture(scope="module")
-def fuzzed() -> Iterator[dict[str, ServerProc | Exception]]:
-    """Every registered backend, started and loaded at once (fuzzed one after another)."""
-    args, limits = fuzz_args()
-    servers = spawn_all(registered_backends(), *args, load=True, limits=limits)
-    yield servers
-    for server in servers.values():
-        if isinstance(server, ServerProc):
-            server.close()
-
-
 @pytest.mark.parametrize("backend", registered_backends())
-def test_every_rpc_answers_hostile_input_with_a_deliberate_status(backend: str, fuzzed) -> None:
-    server = fuzzed[backend]
-    if isinstance(server, Exception):
-        if type(server).__name__ == "BackendUnavailable":
-            pytest.skip(str(server))
-        raise server
-    report = fuzz_server(server, CASES, SEED, deadline=2.0, batch=CASES)
+def test_every_rpc_answers_hostile_input_with_a_deliberate_status(backend: str, fleet) -> None:
+    report = fuzz_server(fleet_member(fleet, backend), CASES, SEED, deadline=2.0, batch=CASES)
     print(f"\n{backend} (seed {SEED}, {CASES} cases per rpc)\n{report.table()}")
     for note in report.notes:
         print("note:", note)

@@ -16,9 +16,10 @@ import pytest
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import LLM_RPCS, RPCS, Rpc
 from tests.certs import make_pki
-from tests.reliability.servers import BackendUnavailable, ServerProc, registered_backends, spawn, spawn_all
+from tests.reliability.conftest import FLEET_KEY as KEY
+from tests.reliability.conftest import fleet_member
+from tests.reliability.servers import BackendUnavailable, ServerProc, registered_backends, spawn
 
-KEY = "reliability-key"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
               "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
@@ -70,23 +71,10 @@ def _spawned(backend: str, *args: str) -> Iterator[ServerProc]:
         server.close()
 
 
-@pytest.fixture(scope="module")
-def keyed() -> Iterator[dict[str, ServerProc | Exception]]:
-    """Every registered backend behind an API key, started at once (no model loaded)."""
-    servers = spawn_all(registered_backends(), "--require-api-key", "true", "--api-key", KEY)
-    yield servers
-    for server in servers.values():
-        if isinstance(server, ServerProc):
-            server.close()
-
-
 @pytest.mark.parametrize("backend", registered_backends())
-def test_every_rpc_refuses_missing_or_wrong_credentials(backend: str, keyed) -> None:
-    server = keyed[backend]
-    if isinstance(server, BackendUnavailable):
-        pytest.skip(str(server))
-    if isinstance(server, Exception):
-        raise server
+def test_every_rpc_refuses_missing_or_wrong_credentials(backend: str, fleet) -> None:
+    server = fleet_member(fleet, backend)
+    assert server.metadata == (("x-api-key", KEY),)
     channel = server.channel()
     wrong = []
     for path, kind in _every_method():
