@@ -191,6 +191,7 @@ class VectorStore:
                 return FindResult(np.empty((0, max(t.dim, 0)), dtype=np.float32), [], np.empty(0, np.float32), "exact")
             q_unit = similarity.unit(q, q_norm)[0]
             k = min(top_k, t.n)
+            validation.check_reply_size(k, t.dim, 0, max_reply_bytes)  # keys alone: refuse before the work
             rows = None
             method = "exact"
             if not exact and self._ann.usable(k):
