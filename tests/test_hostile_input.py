@@ -148,3 +148,25 @@ async def test_embeddings_absurd_sizes_fail_the_load_at_once_with_the_bound(opti
     finally:
         await rt.free(CallContext("Free"))
         rt.shutdown()
+
+
+async def test_large_requests_are_parsed_off_the_loop_with_the_same_answers(served):
+    """Requests past decoding.LARGE_REQUEST_BYTES take the worker-thread path: same statuses, same replies."""
+    from inferd.server.decoding import LARGE_REQUEST_BYTES
+
+    address = f"127.0.0.1:{served.port}"
+    big = "w " * LARGE_REQUEST_BYTES
+    async with grpc.aio.insecure_channel(address) as channel:
+        load = channel.unary_unary("/backend.Backend/LoadModel", pb.ModelOptions.SerializeToString,
+                                   pb.Result.FromString)
+        assert (await load(pb.ModelOptions(Model="test-model"), timeout=10)).success
+        predict = channel.unary_unary("/backend.Backend/Predict", pb.PredictOptions.SerializeToString,
+                                      pb.Reply.FromString)
+        reply = await predict(pb.PredictOptions(Prompt=big), timeout=30)
+        assert len(reply.message) == len(big) and reply.tokens == LARGE_REQUEST_BYTES
+        raw = channel.unary_unary("/backend.Backend/Predict")
+        truncated = pb.PredictOptions(Prompt=big).SerializeToString()[:-10]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(truncated, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "backend.PredictOptions" in err.value.details()

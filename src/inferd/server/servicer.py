@@ -22,7 +22,7 @@ from inferd.proto import backend_pb2 as pb
 from inferd.proto import llm_pb2
 from inferd.protocol import LLM_RPCS, LLM_SERVICE_NAME, RPCS, SERVICE_NAME, Rpc
 from inferd.runtime import MODEL_IDENTITY_KEY, BackendRuntime
-from inferd.server.decoding import decode
+from inferd.server.decoding import decode, decode_async
 from inferd.server.status_map import to_status
 
 __all__ = ["MODEL_IDENTITY_KEY", "BackendServicer", "LLMServicer"]
@@ -82,7 +82,7 @@ class BackendServicer:
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             try:
-                request = decode(request_cls, raw)
+                request = await decode_async(request_cls, raw)
                 return await runtime.unary(name, request, _call_context(name, context))
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never crashes the server
                 await _abort(context, exc, name)
@@ -97,7 +97,7 @@ class BackendServicer:
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                request = decode(request_cls, raw)
+                request = await decode_async(request_cls, raw)
             except InvalidArgument as exc:
                 await _abort(context, exc, name)
             stream = runtime.stream(name, request, _call_context(name, context))
@@ -148,7 +148,7 @@ class LLMServicer:
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[llm_pb2.GenerateResponse]:
         ctx = _call_context("Generate", context)
         try:
-            request = decode(llm_pb2.GenerateRequest, raw)
+            request = await decode_async(llm_pb2.GenerateRequest, raw)
             from inferd.engines.llama import SamplingParams  # only backends with a llama engine get here
 
             self._engine()  # UNIMPLEMENTED before the gate, as for every rpc
