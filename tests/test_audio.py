@@ -195,23 +195,33 @@ async def test_whisper_request_fields(whisper, speech):
     assert not read_words(final.segments[0])  # words only when asked for
 
 
-async def test_whisper_decodes_other_containers_and_rates(whisper, speech, tmp_path):
+def _encode_file(path: Path, samples: np.ndarray, rate: int, codec: str, layout: str) -> Path:
+    """Write mono float ``samples`` (already at ``rate``) with FFmpeg's ``codec`` into ``path``."""
     import av
 
-    flac = tmp_path / "fox.flac"
-    samples = load_audio(speech, 44100)
-    with av.open(str(flac), "w") as out:
-        stream = out.add_stream("flac", rate=44100, layout="stereo")
-        frame = av.AudioFrame.from_ndarray((np.repeat(samples[None, :], 2, 0) * 32767).astype(np.int16)
-                                           .T.reshape(1, -1), format="s16", layout="stereo")
-        frame.sample_rate = 44100
+    channels = 2 if layout == "stereo" else 1
+    pcm = (np.repeat(samples[None, :], channels, 0) * 32767).astype(np.int16).T.reshape(1, -1)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
+        frame.sample_rate = rate
         for packet in (*stream.encode(frame), *stream.encode(None)):
             out.mux(packet)
+    return path
+
+
+async def test_whisper_decodes_other_containers_and_rates(whisper, speech, tmp_path):
+    files = [
+        _encode_file(tmp_path / "fox.flac", load_audio(speech, 44100), 44100, "flac", "stereo"),
+        _encode_file(tmp_path / "fox.mp3", load_audio(speech, 32000), 32000, "libmp3lame", "mono"),
+        _encode_file(tmp_path / "fox.ogg", load_audio(speech, 48000), 48000, "libopus", "stereo"),
+    ]
     async with running_server(whisper) as server:
         client = await _client(server)
-        out = await client.audio_transcription(dst=str(flac), timeout=120)
+        for path in files:
+            out = await client.audio_transcription(dst=str(path), timeout=120)
+            assert wer(SENTENCE, out.text) <= 0.2, (path.name, out.text)
         await client.close()
-    assert wer(SENTENCE, out.text) <= 0.2
 
 
 async def test_piper_voice_and_language(piper, tmp_path):
