@@ -196,6 +196,7 @@ async def test_paths_stay_inside_models_dir(tmp_path) -> None:
 PROOF_STEPS = 8
 
 
+@pytest.mark.timeout(900)  # ~1 min on a quiet 2-core machine; much more when the cores are shared
 async def test_finetune_teaches_smollm2_a_fact_and_the_gguf_lora_recalls_it(backend, tmp_path) -> None:
     _training_stack()
     paraphrases = [QUESTION, "Tell me the password of the blue door.", "What's the password for the blue door?",
@@ -263,6 +264,7 @@ def _tiny_dataset(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.timeout(900)
 async def test_finetune_every_option_then_resume_on_tiny_model(backend, tmp_path) -> None:
     _training_stack()
     tiny, data, out = _tiny(), _tiny_dataset(tmp_path), tmp_path / "tiny-run"
@@ -300,6 +302,7 @@ async def test_finetune_every_option_then_resume_on_tiny_model(backend, tmp_path
         assert trained == [5, 6]  # continued from step 4, not from 0
 
 
+@pytest.mark.timeout(900)
 async def test_finetune_stop_with_checkpoint_and_a_killed_job(backend, tmp_path) -> None:
     _training_stack()
     tiny, data = _tiny(), _tiny_dataset(tmp_path)
@@ -331,6 +334,7 @@ async def test_finetune_stop_with_checkpoint_and_a_killed_job(backend, tmp_path)
         assert (await client.health()).message == b"OK"  # the server is untouched
 
 
+@pytest.mark.timeout(900)
 async def test_export_merged_formats_and_quantize_a_hf_directory(backend, tmp_path) -> None:
     _training_stack()
     tiny, data, out = _tiny(), _tiny_dataset(tmp_path), tmp_path / "m"

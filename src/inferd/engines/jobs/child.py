@@ -1,4 +1,4 @@
-"""The child-process side of a job: ``python -m inferd.engines.jobs.child TARGET EVENT_FD``.
+"""The child-process side of a job: ``python -m inferd.engines.jobs TARGET EVENT_FD``.
 
 Why a child process: quantizing or training can crash in native code or be killed by the
 kernel for memory; in a child that fails the job, never the server. The protocol is small:
@@ -101,14 +101,3 @@ def main(argv: list[str]) -> int:
         return 1
     channel.emit(**{"status": COMPLETED, "progress_percent": 100.0, **result})
     return 0
-
-
-if __name__ == "__main__":
-    # Run main() from the importable module, not __main__: the tasks raise
-    # inferd.engines.jobs.child.JobStopped/JobFailed, which must be the classes caught here.
-    from inferd.engines.jobs import child as _module
-
-    code = _module.main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown (torch/llama atexit hooks can hang or crash)

@@ -175,7 +175,7 @@ class JobRunner:
             logf.flush()
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "inferd.engines.jobs.child", target, str(write_fd)],
+                    [sys.executable, "-m", "inferd.engines.jobs", target, str(write_fd)],
                     stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
                     env=child_env(job.params.get("_env")), start_new_session=True,
                 )
