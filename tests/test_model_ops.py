@@ -366,3 +366,22 @@ async def test_export_merged_formats_and_quantize_a_hf_directory(backend, tmp_pa
         for model in (updates[-1].output_file, str(tmp_path / "merged.gguf")):
             loaded = await client.load_model(pb.ModelOptions(ModelFile=model, ContextSize=64, Threads=1))
             assert loaded.success, loaded.message
+
+
+def test_cli_quantize_in_process_and_its_errors(tmp_path) -> None:
+    """`inferd quantize` without --addr runs the same rpcs on an in-process backend."""
+    import subprocess
+    import sys
+
+    from tests.helpers import inferd_env
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "inferd.cli", *argv], capture_output=True, text=True,
+                              env=inferd_env(), timeout=600)
+
+    done = run("quantize", SMOL, "q8_0", "--output-dir", str(tmp_path), "--option", "threads=1")
+    assert done.returncode == 0, done.stderr
+    assert "completed  100.0%" in done.stdout and "compression_ratio=" in done.stdout
+    assert (tmp_path / "SmolLM2-135M-Instruct-Q8_0.gguf").is_file()
+    bad = run("quantize", SMOL, "q3_z")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "q4_k_m" in bad.stderr

@@ -63,6 +63,24 @@ async def test_two_watchers_get_the_same_updates_from_where_they_attach(tmp_path
     assert b_steps == a_steps[a_steps.index(b_steps[0]):]  # ... and then sees the same updates
 
 
+async def test_a_watcher_that_goes_away_does_not_touch_the_job(tmp_path) -> None:
+    runner = _runner()
+    job = _submit(runner, tmp_path, "count", "gone", n=5, delay=0.2)
+    stream = job.watch()
+    await stream.__anext__()
+    await stream.aclose()  # a client disconnect closes its stream
+    async def read_all() -> None:
+        async for _ in job.watch():
+            pass
+
+    task = asyncio.create_task(read_all())
+    await asyncio.sleep(0.1)
+    task.cancel()  # ... or cancels it while it waits for the next update
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert job.wait(60) and job.status == COMPLETED and not job._waiters
+
+
 async def test_a_watcher_of_a_finished_job_gets_the_final_state(tmp_path) -> None:
     runner = _runner()
     job = _submit(runner, tmp_path, "count", "done", n=1, delay=0.0)

@@ -5,6 +5,7 @@
     inferd health | status        short human summaries
     inferd backends               list the registered backends
     inferd up | ps | stop         the supervisor (see inferd.supervisor)
+    inferd quantize | finetune    model-operation jobs, on a server (--addr) or in-process
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     from inferd.supervisor.cli import add_supervisor_commands
 
     add_supervisor_commands(sub)
+    from inferd.model_ops_cli import add_model_ops_commands
+
+    add_model_ops_commands(sub)
     return parser
 
 

@@ -55,6 +55,7 @@ class _QuantizerLog:
     def __init__(self, channel: JobChannel, start: float, span: float) -> None:
         self.channel, self.start, self.span = channel, start, span
         self.errors: list[str] = []
+        self.total = 0
         self._last_emit = 0.0
         import llama_cpp
 
@@ -69,6 +70,7 @@ class _QuantizerLog:
         match = _TENSOR_LINE.match(piece)
         if match:
             done, total, name = int(match.group(1)), int(match.group(2)), match.group(3)
+            self.total = total
             now = time.monotonic()
             if done == total or now - self._last_emit >= 0.05:
                 self._last_emit = now
@@ -127,6 +129,7 @@ def run(params: dict[str, Any], channel: JobChannel) -> dict[str, Any]:
             "quantize_seconds": seconds,
             "total_seconds": time.monotonic() - started,
             "mb_per_second": quantized_bytes / MiB / max(seconds, 1e-9),
+            "tensors_done": float(qlog.total), "tensors_total": float(qlog.total),
         },
     }
 
