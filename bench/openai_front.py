@@ -1,6 +1,6 @@
 """The OpenAI HTTP front against the gRPC backend directly: stream tokens/s, TTFT, 64 clients.
 
-    python bench/openai_front.py [--tokens 128] [--rounds 4] [--clients 64]
+    python bench/openai_front.py [--tokens 128] [--rounds 4] [--clients 64] [--client-tokens 32]
 
 Starts ``inferd up models.yaml --http 127.0.0.1:0`` (SmolLM2 on llama-cpp, Threads 2,
 4 slots) as a child process, then, from this process:
@@ -102,7 +102,7 @@ async def main(args: argparse.Namespace) -> None:
         proc, http_url, backend = start_front(Path(tmp))
         try:
             client = new_client(backend, parallel=True)
-            async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=256)) as h:
+            async with httpx.AsyncClient(timeout=args.timeout, limits=httpx.Limits(max_connections=256)) as h:
                 await http_stream(h, http_url, 16)  # warm-up both paths
                 await grpc_stream(client, 16)
                 rows: dict[str, list[tuple[float, float, int]]] = {"http": [], "grpc": []}
@@ -120,7 +120,7 @@ async def main(args: argparse.Namespace) -> None:
 
                 async def one() -> tuple[float, float, int] | BaseException:
                     try:
-                        return await http_stream(h, http_url, args.tokens // 2)
+                        return await http_stream(h, http_url, args.client_tokens)
                     except Exception as exc:  # noqa: BLE001 - counted, reported
                         return exc
 
@@ -131,7 +131,7 @@ async def main(args: argparse.Namespace) -> None:
                 ok = [r for r in results if not isinstance(r, BaseException)]
                 total = sum(n for _, _, n in ok)
                 ttfts = sorted(x for _, x, _ in ok)
-                print(f"{args.clients} concurrent HTTP streams of {args.tokens // 2} tokens: errors {len(errors)}, "
+                print(f"{args.clients} concurrent HTTP streams of {args.client_tokens} tokens: errors {len(errors)}, "
                       f"{total} tokens in {wall:.1f}s = {total / wall:.1f} tok/s aggregate, "
                       f"TTFT p50 {ttfts[len(ttfts) // 2] * 1000:.0f} ms p99 "
                       f"{ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] * 1000:.0f} ms")
@@ -141,7 +141,7 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 
 if __name__ == "__main__":
@@ -149,4 +149,6 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--client-tokens", type=int, default=32, help="tokens per concurrent client")
+    ap.add_argument("--timeout", type=float, default=600, help="per-request read timeout (seconds)")
     asyncio.run(main(ap.parse_args()))

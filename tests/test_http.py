@@ -74,7 +74,7 @@ def front_config(tmp: Path) -> SupervisorConfig:
     return SupervisorConfig(models=(
         ModelSpec("smol", "llama-cpp", options=LLM_OPTIONS, parallel=True),
         ModelSpec("minilm", "sentence-embeddings", options={"Threads": 1}, parallel=True),
-        ModelSpec("echo", ECHO, "test-model", env=ENV, parallel=True),
+        ModelSpec("echo", ECHO, "test-model", env={**ENV, "INFERD_LOG_FORMAT": "json"}, parallel=True),
         ModelSpec("broken", ECHO, str(tmp / "missing.gguf"), env=ENV),
         # one slot and no waiting room: a second concurrent request is refused (429)
         ModelSpec("one-slot", "llama-cpp", options={"ContextSize": 4096, "Threads": 1,
@@ -403,6 +403,19 @@ def test_concurrent_streams(front: Front) -> None:
 
     texts = asyncio.run(many())
     assert texts == [f"hello number {i} " for i in range(32)]
+
+
+def test_correlation_id_reaches_the_backend_log(front: Front) -> None:
+    r = httpx.post(front.url + "/v1/completions", headers={**auth(), "X-Request-Id": "req-7f3a"},
+                   json={"model": "echo", "prompt": "correlate me"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-7f3a" and r.json()["id"] == "cmpl-req-7f3a"
+    log = Path(front.manager.log_dir) / "echo.log"
+    deadline = time.monotonic() + 5
+    lines: list[dict[str, Any]] = []
+    while not lines and time.monotonic() < deadline:
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{") and "req-7f3a" in x]
+        time.sleep(0.05)
+    assert lines and lines[0]["rpc"] == "Predict" and lines[0]["correlation_id"] == "req-7f3a"
 
 
 def test_metrics_endpoint(front: Front, client: Any) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import grpc
 
 from inferd.client.errors import RpcError
-from inferd.client.transport import Transport
+from inferd.client.transport import Metadata, Transport
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import RPCS, Rpc
 from inferd.runtime import UNGATED
@@ -65,26 +65,28 @@ class Client:
             (self.watchdog.mark if delta > 0 else self.watchdog.unmark)(self.address)
 
     # ---- generic call paths -------------------------------------------------------
-    async def call(self, rpc_name: str, request: Any = None, timeout: float | None = None, **fields: Any) -> Any:
-        """Call a unary rpc by its wire name (``"Predict"``)."""
+    async def call(self, rpc_name: str, request: Any = None, timeout: float | None = None,
+                   metadata: Metadata = (), **fields: Any) -> Any:
+        """Call a unary rpc by its wire name (``"Predict"``); ``metadata`` is added to this call only."""
         rpc = RPCS[rpc_name]
         request = _request(rpc, request, fields)
         if rpc.name in UNGATED:
-            return await self.transport.unary(rpc, request, timeout)
+            return await self.transport.unary(rpc, request, timeout, metadata)
         if self.parallel:
-            return await self._marked_unary(rpc, request, timeout)
+            return await self._marked_unary(rpc, request, timeout, metadata)
         async with self._op_lock:
-            return await self._marked_unary(rpc, request, timeout)
+            return await self._marked_unary(rpc, request, timeout, metadata)
 
-    async def _marked_unary(self, rpc: Rpc, request: Any, timeout: float | None) -> Any:
+    async def _marked_unary(self, rpc: Rpc, request: Any, timeout: float | None, metadata: Metadata) -> Any:
         self._set_busy(1)
         try:
-            return await self.transport.unary(rpc, request, timeout)
+            return await self.transport.unary(rpc, request, timeout, metadata)
         finally:
             self._set_busy(-1)
 
     async def call_stream(
-        self, rpc_name: str, request: Any = None, timeout: float | None = None, **fields: Any
+        self, rpc_name: str, request: Any = None, timeout: float | None = None, metadata: Metadata = (),
+        **fields: Any,
     ) -> AsyncIterator[Any]:
         """Iterate the replies of a streaming rpc by its wire name (``"PredictStream"``)."""
         rpc = RPCS[rpc_name]
@@ -95,7 +97,7 @@ class Client:
             await lock.acquire()
         if gated:
             self._set_busy(1)
-        stream = self.transport.stream(rpc, request, timeout)
+        stream = self.transport.stream(rpc, request, timeout, metadata)
         try:
             async for reply in stream:
                 yield reply

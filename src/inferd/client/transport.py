@@ -24,9 +24,14 @@ from inferd.server.status_map import to_status
 MiB = 1024 * 1024
 
 
+#: Extra metadata for one call (a correlation id, a model identity), added to the channel's.
+Metadata = Sequence[tuple[str, str]]
+
+
 class Transport(Protocol):
-    async def unary(self, rpc: Rpc, request: Any, timeout: float | None) -> Any: ...
-    def stream(self, rpc: Rpc, request: Any, timeout: float | None) -> AsyncIterator[Any]: ...
+    async def unary(self, rpc: Rpc, request: Any, timeout: float | None, metadata: Metadata = ()) -> Any: ...
+    def stream(self, rpc: Rpc, request: Any, timeout: float | None,
+               metadata: Metadata = ()) -> AsyncIterator[Any]: ...
     async def close(self) -> None: ...
 
 
@@ -77,14 +82,18 @@ class GrpcTransport:
             self._calls[rpc.path] = call
         return call
 
-    async def unary(self, rpc: Rpc, request: Any, timeout: float | None) -> Any:
+    def _md(self, extra: Metadata) -> Sequence[tuple[str, str]] | None:
+        return (*(self._metadata or ()), *extra) if extra else self._metadata
+
+    async def unary(self, rpc: Rpc, request: Any, timeout: float | None, metadata: Metadata = ()) -> Any:
         try:
-            return await self._callable(rpc)(request, timeout=timeout, metadata=self._metadata)
+            return await self._callable(rpc)(request, timeout=timeout, metadata=self._md(metadata))
         except grpc.aio.AioRpcError as exc:
             raise RpcError.from_grpc(exc, rpc.name) from None
 
-    async def stream(self, rpc: Rpc, request: Any, timeout: float | None) -> AsyncIterator[Any]:
-        call = self._callable(rpc)(request, timeout=timeout, metadata=self._metadata)
+    async def stream(self, rpc: Rpc, request: Any, timeout: float | None,
+                     metadata: Metadata = ()) -> AsyncIterator[Any]:
+        call = self._callable(rpc)(request, timeout=timeout, metadata=self._md(metadata))
         try:
             async for reply in call:
                 yield reply
@@ -104,12 +113,13 @@ class EmbeddedTransport:
         self.runtime = runtime
         self._metadata = dict(metadata)
 
-    def _ctx(self, rpc: Rpc, timeout: float | None) -> CallContext:
+    def _ctx(self, rpc: Rpc, timeout: float | None, metadata: Metadata = ()) -> CallContext:
         deadline = time.monotonic() + timeout if timeout is not None else None
-        return CallContext(rpc.name, metadata=self._metadata, deadline=deadline)
+        md = {**self._metadata, **dict(metadata)} if metadata else self._metadata
+        return CallContext(rpc.name, metadata=md, deadline=deadline)
 
-    async def unary(self, rpc: Rpc, request: Any, timeout: float | None) -> Any:
-        ctx = self._ctx(rpc, timeout)
+    async def unary(self, rpc: Rpc, request: Any, timeout: float | None, metadata: Metadata = ()) -> Any:
+        ctx = self._ctx(rpc, timeout, metadata)
         try:
             return await asyncio.wait_for(self.runtime.unary(rpc.name, request, ctx), timeout)
         except asyncio.TimeoutError:
@@ -118,8 +128,9 @@ class EmbeddedTransport:
             code, message = to_status(exc, rpc.name)
             raise RpcError(code, message, rpc.name) from None
 
-    async def stream(self, rpc: Rpc, request: Any, timeout: float | None) -> AsyncIterator[Any]:
-        ctx = self._ctx(rpc, timeout)
+    async def stream(self, rpc: Rpc, request: Any, timeout: float | None,
+                     metadata: Metadata = ()) -> AsyncIterator[Any]:
+        ctx = self._ctx(rpc, timeout, metadata)
         agen = self.runtime.stream(rpc.name, request, ctx)
         try:
             while True:

@@ -33,13 +33,18 @@ class CallScope:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Sent with each backend call: the backend's access log shows the same correlation id."""
+        return (("x-correlation-id", self.correlation_id),)
+
     async def client(self) -> Client:
         return await self.source.client(self.model)
 
     async def unary(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
         client = await self.client()
         try:
-            return await client.call(rpc, request, timeout)
+            return await client.call(rpc, request, timeout, self.metadata)
         except RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -47,7 +52,7 @@ class CallScope:
                           timeout: float | None = None) -> tuple[Any | None, AsyncIterator[Any]]:
         """Start a streaming call and wait for its first reply (``None`` when it sent none)."""
         client = await self.client()
-        agen = client.call_stream(rpc, request, timeout)
+        agen = client.call_stream(rpc, request, timeout, self.metadata)
         try:
             first = await agen.__anext__()
         except StopAsyncIteration:
