@@ -315,12 +315,18 @@ class Case:
 # ---- the sweep: every field of a request gets each of its type's most hostile values once ----------
 #: String fields that carry JSON (parsed by a backend): they get the hostile JSON documents.
 JSON_FIELDS = frozenset({"LogitBias", "Grammar", "Tools", "ToolChoice", "tool_calls", "Metadata"})
+#: ModelOptions fields the quick sweep loads with absurd values (sizes a backend must bound).
+SIZE_FIELDS = frozenset({"Threads", "ContextSize", "NBatch", "Options"})
 _HOSTILE_JSON = ("[" * 50_000, '{"a":' * 65 + "1" + "}" * 65, "[" + "1," * 300_000 + "1]", '{"1": NaN}',
                  "{not json", '{"type": "object", "properties": {"a": {"$ref": "#"}}}')
 
 
-def _sweep_values(fd: FieldDescriptor, max_bytes: int) -> list[bytes]:
-    """Encoded hostile values of one field (one encoding per value, as a field to append)."""
+def _sweep_values(fd: FieldDescriptor, max_bytes: int, quick: bool = False) -> list[bytes]:
+    """Encoded hostile values of one field (one encoding per value, as a field to append).
+
+    ``quick`` keeps the ones that find missing bounds (NaN, a negative, a valid value that must
+    really run; the deepest and the largest JSON, and invalid JSON) to keep ``make test`` short.
+    """
     t = fd.type
     if fd.type == T.TYPE_MESSAGE:
         if _is_repeated(fd):
@@ -337,7 +343,9 @@ def _sweep_values(fd: FieldDescriptor, max_bytes: int) -> list[bytes]:
             out += [length_delimited(fd.number, encode_scalar(t, v)[1] + data * 2) for v in (math.nan, math.inf)]
         return out
     if t in (T.TYPE_FLOAT, T.TYPE_DOUBLE):
-        values: list[Any] = [math.nan, math.inf, -math.inf, -1.0]
+        # 0.5 and 1.5 are valid for most float options: they must run for real, not crash
+        # (a repeat penalty of 1.1 once answered INTERNAL from a wrong native signature).
+        values: list[Any] = [math.nan, -1.0, 1.5] if quick else [math.nan, math.inf, -math.inf, -1.0, 0.5, 1.5]
     elif t in _INT_RANGES:
         lo, hi = _INT_RANGES[t]
         values = [hi, lo if lo < 0 else hi - 1, -1 if lo < 0 else 0]
@@ -346,9 +354,10 @@ def _sweep_values(fd: FieldDescriptor, max_bytes: int) -> list[bytes]:
     elif t == T.TYPE_ENUM:
         values = [99, -1]
     elif t == T.TYPE_STRING:
-        values = list(_HOSTILE_JSON) if fd.name in JSON_FIELDS else [
+        values = list(_HOSTILE_JSON[:3] if quick else _HOSTILE_JSON) if fd.name in JSON_FIELDS else [
             "../../../../etc/passwd", "\x00", "{{ ''.__class__ }}", "x" * (1 << 20)]
-        values.append(b"\xff\xfe")
+        if not quick:
+            values.append(b"\xff\xfe")
     else:  # bytes
         values = [b"\xff\xfe\x00", bytes(range(256)) * 4096]
     out = []
@@ -362,10 +371,13 @@ def sweep_cases(rpc: Rpc, load: pb.ModelOptions | None = None, quick: bool = Fal
                 max_bytes: int = 1 << 20) -> list[Case]:
     """The seed request with one field overwritten by each of its hostile values, for every field.
 
-    ``quick``: only JSON-carrying strings (also inside ``Messages``) and floats (NaN/inf), the
-    fields where a missing bound hides; the full sweep (``make fuzz``) covers every field.
+    ``quick``: only JSON-carrying strings (also inside ``Messages``), floats (NaN/inf and two
+    valid values) and, for ModelOptions, one absurd value of each size (Threads, ContextSize,
+    NBatch, ``key:value`` Options): the fields where a missing bound hides. The full sweep
+    (``make fuzz``) covers every field.
     """
     seed = seed_bytes(rpc, load)
+    desc_name = rpc.request.DESCRIPTOR.name
     cases = []
     for fd in rpc.request.DESCRIPTOR.fields:
         if fd.type == T.TYPE_MESSAGE and not fd.message_type.GetOptions().map_entry:
@@ -374,15 +386,28 @@ def sweep_cases(rpc: Rpc, load: pb.ModelOptions | None = None, quick: bool = Fal
                     continue
                 if inner.type == T.TYPE_MESSAGE:
                     continue
-                for value in _sweep_values(inner, max_bytes):
+                for value in _sweep_values(inner, max_bytes, quick):
                     cases.append(Case(f"sweep:{fd.name}.{inner.name}", seed + length_delimited(fd.number, value)))
             if quick:
                 continue
+        elif quick and desc_name == "ModelOptions":
+            if fd.name not in SIZE_FIELDS:
+                continue
         elif quick and not (fd.name in JSON_FIELDS or fd.type in (T.TYPE_FLOAT, T.TYPE_DOUBLE)):
             continue
-        for value in _sweep_values(fd, max_bytes):
+        if quick and desc_name == "ModelOptions":  # one absurd size each: every value is a real load
+            values = ([tag(fd.number, WT_LEN) + encode_scalar(T.TYPE_STRING, o)[1] for o in ABSURD_OPTIONS]
+                      if fd.name == "Options" else [tag(fd.number, WT_VARINT) + varint(2**31 - 1)])
+        else:
+            values = _sweep_values(fd, max_bytes, quick)
+        for value in values:
             cases.append(Case(f"sweep:{fd.name}", seed + value))
     return cases
+
+
+#: ``key:value`` load options with absurd sizes, as LocalAI would pass from a model's YAML.
+ABSURD_OPTIONS = ("parallel:100000000", "threads:1000000", "workers:1000000", "max_batch:1000000000",
+                  "queue:1000000000")
 
 
 def generate(rng: random.Random, rpc: Rpc, load: pb.ModelOptions | None = None,
@@ -509,15 +534,21 @@ def fuzz_rpcs(channel: grpc.Channel, rpcs: Iterable[Rpc], cases: int, seed: int,
 
     Each rpc gets its own ``random.Random(seed, rpc)`` stream, so a finding reproduces from
     the seed and the rpc name alone. Stops at the first batch after which the server is dead.
-    ``sweep`` adds ``sweep_cases`` first: "full" for every rpc, "quick" for the rpcs the backend
-    implements (a seed request that does not answer UNIMPLEMENTED), "off" for none.
+    ``sweep`` adds ``sweep_cases`` first: "full" for every rpc, "quick" once per request type, by
+    the first rpc the backend implements with it (a seed request that does not answer
+    UNIMPLEMENTED), "off" for none.
     """
     report = report or Report()
+    swept: set[str] = set()  # quick sweep: each request type once, by the first rpc that takes it
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for rpc in rpcs:
             rng = random.Random(f"{seed}:{rpc.path}")
             counter = report.counts.setdefault(rpc.path, Counter())
-            pending = _sweep_for(channel, rpc, load, sweep, max_bytes, metadata)
+            kind = "LoadModel" if rpc.name == "LoadModel" else rpc.request.DESCRIPTOR.full_name
+            quick_done = sweep == "quick" and kind in swept
+            pending = [] if quick_done else _sweep_for(channel, rpc, load, sweep, max_bytes, metadata)
+            if pending:
+                swept.add(kind)
             total = cases + len(pending)
             done = 0
             while done < total:
@@ -543,8 +574,10 @@ def _sweep_for(channel: grpc.Channel, rpc: Rpc, load: pb.ModelOptions | None, sw
                max_bytes: int, metadata: tuple = ()) -> list[Case]:
     if sweep == "full":
         return sweep_cases(rpc, load, quick=False, max_bytes=max_bytes)
-    if sweep != "quick" or rpc.name in ("LoadModel", "Free") or rpc.request.DESCRIPTOR.name == "ModelOptions":
+    if sweep != "quick" or rpc.name == "Free":
         return []
+    if rpc.name == "LoadModel":
+        return sweep_cases(rpc, load, quick=True, max_bytes=max_bytes)
     code, _, _ = call_raw(channel, rpc, seed_bytes(rpc, load), 30.0, metadata)
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return []
