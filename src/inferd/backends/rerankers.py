@@ -70,7 +70,7 @@ class RerankersBackend(Backend):
     def __init__(self, settings: Any = None) -> None:
         super().__init__()
         self.settings = settings
-        self.engine: Any = None
+        self.reranker: Any = None
 
     def load(self, options: pb.ModelOptions, ctx: CallContext) -> str:
         from inferd.engines.rerank import CrossEncoder, ModelNotFound, RerankEngine, resolve_cross_encoder
@@ -88,21 +88,21 @@ class RerankersBackend(Backend):
             raise LoadError(f"rerankers: needs onnxruntime and tokenizers (pip install 'inferd[rerank]'): {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any engine failure is a load failure with its reason
             raise LoadError(f"rerankers: cannot load {files.onnx_path}: {type(exc).__name__}: {exc}") from None
-        self.engine = RerankEngine(model, max_batch=opts["max_batch"], window_s=opts["window_s"],
+        self.reranker = RerankEngine(model, max_batch=opts["max_batch"], window_s=opts["window_s"],
                                    workers=opts["workers"], score=opts["score"])
         return (f"loaded cross-encoder {files.name} from {files.directory} ({model.threads} threads, "
                 f"max {model.max_length} tokens per pair, {opts['score']} scores, max batch {opts['max_batch']})")
 
     def unload(self) -> None:
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.close()
+        reranker, self.reranker = self.reranker, None
+        if reranker is not None:
+            reranker.close()
 
     async def rerank(self, request: pb.RerankRequest, ctx: CallContext) -> pb.RerankResult:
-        engine = self.engine
-        if engine is None:
+        reranker = self.reranker
+        if reranker is None:
             raise NoModelLoaded(self.name, "Rerank")
-        out = await engine.rerank(request.query, list(request.documents), request.top_n)
+        out = await reranker.rerank(request.query, list(request.documents), request.top_n)
         return pb.RerankResult(
             usage=pb.Usage(prompt_tokens=out.tokens, total_tokens=out.tokens),
             results=[pb.DocumentResult(index=r.index, text=r.text, relevance_score=r.score) for r in out.results],
