@@ -149,7 +149,7 @@ def main() -> int:
     with served("silero-vad", 1) as stub:
         # VAD calls are short (~0.4 s): more rounds for the same noise as the others
         ratios["VAD"] = rtf_pair("VAD", samples.size / 16000, lambda: stub.VAD(request, timeout=300),
-                                 lambda: vad.engine.segments(samples), 3 * args.rounds)
+                                 lambda: vad.audio_engine.segments(samples), 3 * args.rounds)
     print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     worst = min(ratios.values())
     print(f"worst ratio {worst:.2f}x (target >= 0.9x): {'met' if worst >= 0.9 else 'NOT met'}")

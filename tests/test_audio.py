@@ -260,18 +260,18 @@ def test_vad_load_options_change_the_segments(vad, speech):
         other.load(pb.ModelOptions(Options=options, Threads=1), CallContext("LoadModel"))
         segments = other.vad(req, CallContext("VAD")).segments
         assert check(segments), (options, segments)
-    assert other.engine.session.get_session_options().intra_op_num_threads == 1
+    assert other.audio_engine.session.get_session_options().intra_op_num_threads == 1
 
 
 def test_piper_load_options(piper):
     other = PiperBackend()
     other.load(pb.ModelOptions(Threads=1, Options=["length_scale:1.6", "noise_scale:0.3", "noise_w_scale:0",
                                                      "speaker_id:0", "volume:0.5"]), CallContext("LoadModel"))
-    slow = np.concatenate(list(other.engine.synthesize(SENTENCE)))
-    normal = np.concatenate(list(piper.engine.synthesize(SENTENCE)))
+    slow = np.concatenate(list(other.audio_engine.synthesize(SENTENCE)))
+    normal = np.concatenate(list(piper.audio_engine.synthesize(SENTENCE)))
     assert slow.size > 1.3 * normal.size  # length_scale 1.6 speaks slower
     assert np.abs(slow).max() <= 0.51  # volume 0.5 after piper's peak normalization
-    assert other.engine._voice(other.engine.default).session.get_session_options().intra_op_num_threads == 1
+    assert other.audio_engine._voice(other.audio_engine.default).session.get_session_options().intra_op_num_threads == 1
     with pytest.raises(LoadError, match="speaker"):
         PiperBackend().load(pb.ModelOptions(Options=["speaker_id:3"]), CallContext("LoadModel"))
 
@@ -435,7 +435,7 @@ def _count_calls(monkeypatch, obj, method: str) -> list[int]:
 
 
 async def test_cancelling_tts_stops_synthesis(piper, tmp_path, monkeypatch):
-    voice = piper.engine._voice(piper.engine.default)
+    voice = piper.audio_engine._voice(piper.audio_engine.default)
     sentences = _count_calls(monkeypatch, voice, "phoneme_ids_to_audio")
     text = " ".join(f"This is sentence number {i} of a long story." for i in range(40))
     async with running_server(piper) as server:
@@ -461,7 +461,7 @@ async def test_cancelling_tts_stops_synthesis(piper, tmp_path, monkeypatch):
 
 
 async def test_cancelling_transcription_stops_decoding(whisper, speech, tmp_path, monkeypatch):
-    windows = _count_calls(monkeypatch, whisper.engine.model, "generate_with_fallback")
+    windows = _count_calls(monkeypatch, whisper.audio_engine.model, "generate_with_fallback")
     samples = load_audio(speech, 16000)
     # 6 windows of 30 s, one sentence each (repeating speech back to back would trip whisper's
     # compression-ratio fallback and re-decode every window up to 6 times)

@@ -5,7 +5,7 @@ translation of its own rpcs. Shared here, once:
 
 * ``AudioEncode``/``AudioDecode`` through ``inferd.engines.audio.opus`` (LocalAI's
   realtime API calls them on whichever backend it is given). They need no model, so an
-  audio backend sets ``needs_model = False`` and its model rpcs check ``self.engine``
+  audio backend sets ``needs_model = False`` and its model rpcs check ``self.audio_engine``
   themselves (``engine_for``), answering FAILED_PRECONDITION before LoadModel.
 * Paths from requests (``TTSRequest.dst``, ``TranscriptRequest.dst``) through
   ``inferd.paths.confine`` with ``INFERD_AUDIO_DIR``: outside it -> INVALID_ARGUMENT; a
@@ -19,7 +19,7 @@ translation of its own rpcs. Shared here, once:
 
 Calls run in parallel (``parallel = True``): the engines are thread-safe and a long
 transcription must not hold up a 20 ms codec call. Each call takes the engine reference
-once, so Free/LoadModel replacing ``self.engine`` never pulls a model out from under a
+once, so Free/LoadModel replacing ``self.audio_engine`` never pulls a model out from under a
 call in flight (the old engine is released when its last call ends).
 """
 
@@ -63,18 +63,20 @@ class AudioBackend(Backend):
         super().__init__()
         self.settings = settings
         self.codec = OpusCodec()
-        self.engine: Any = None
+        #: The loaded engine. Not called ``engine``: LLMService.Generate (server/servicer.py)
+        #: takes a backend's ``engine`` attribute for a text-generation engine.
+        self.audio_engine: Any = None
 
     @classmethod
     def capabilities(cls) -> list[str]:
         return [r for r in super().capabilities() if r not in cls.explained_missing]
 
     def unload(self) -> None:
-        self.engine = None
+        self.audio_engine = None
         self.codec.close()
 
     def engine_for(self, rpc: str) -> Any:
-        engine = self.engine
+        engine = self.audio_engine
         if engine is None:
             raise NoModelLoaded(self.name, rpc)
         return engine

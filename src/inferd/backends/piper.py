@@ -69,7 +69,7 @@ class PiperBackend(AudioBackend):
         path = self.locate_model(options, ALIASES, packaged.piper_voice_model)
         threads = self.threads(options)
         engine = PiperTts(path, threads, synthesis)
-        self.engine = engine
+        self.audio_engine = engine
         return (f"loaded piper voice {engine.default.name} ({engine.default.language}, "
                 f"{engine.default.sample_rate} Hz; {len(engine.voices)} voice(s) in {path.parent if path.is_file() else path}; "
                 f"{threads} thread(s))")

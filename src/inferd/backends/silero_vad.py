@@ -44,8 +44,8 @@ class SileroVadBackend(AudioBackend):
         config = VadConfig(**load_options(options, OPTIONS)).validate()
         path = self.locate_model(options, ALIASES, packaged.silero_vad_model)
         threads = thread_count(options.Threads, "Threads", default=1)
-        self.engine = SileroVad(path, threads, config)
-        return (f"loaded {path} ({self.engine.kind} model, {threads} thread(s); threshold {config.threshold}, min speech "
+        self.audio_engine = SileroVad(path, threads, config)
+        return (f"loaded {path} ({self.audio_engine.kind} model, {threads} thread(s); threshold {config.threshold}, min speech "
                 f"{config.min_speech_ms:g} ms, min silence {config.min_silence_ms:g} ms, pad {config.speech_pad_ms:g} ms)")
 
     def vad(self, request: pb.VADRequest, ctx: CallContext) -> pb.VADResponse:

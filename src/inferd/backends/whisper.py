@@ -79,7 +79,7 @@ class WhisperBackend(AudioBackend):
         path = self.locate_model(options, ALIASES, packaged.whisper_model_dir)
         threads = self.threads(options)
         engine = WhisperAsr(path, threads, compute_type, decode)
-        self.engine = engine
+        self.audio_engine = engine
         kind = "multilingual" if engine.multilingual else "English-only"
         return (f"loaded {engine.model_dir} ({kind}, {compute_type}, {threads} thread(s), beam {decode.beam_size})")
 
