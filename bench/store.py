@@ -11,7 +11,7 @@ the load average is printed with each section):
   data; the ANN's p50 and recall@10 on clustered data. Measurements alternate between
   ours and numpy in rounds, so load spikes hit both.
 * ``inproc``: the engine in-process (no gRPC): exact Find (int8 scan + exact re-scoring,
-  and the float32 BLAS scan) against the same numpy scan.
+  and the float32 BLAS scan) against the same numpy scan; the ANN on clustered data.
 * ``set``: StoresSet throughput through the backend's protobuf conversion.
 
     python bench/store.py                # wire + inproc at 100k x 384 (several minutes on 2 cores)
@@ -212,6 +212,24 @@ def bench_inproc(n: int, nq: int) -> None:
         store.close()
 
 
+def bench_inproc_ann(n: int, nq: int) -> None:
+    print(f"\n## ANN Find in-process (no gRPC), clustered data, {n:,} x {DIM}, top-10 ({load()})")
+    data = make_data("clustered", n, 1000)
+    qs = make_data("clustered", nq, 999)
+    store = VectorStore(None, StoreConfig(ann_threshold=n, ann_background=False, ann_build_threads=2,
+                                          ann_build_nice=0))
+    t0 = time.perf_counter()
+    for s in range(0, n, 10_000):
+        store.set(data[s : s + 10_000], [b"%d" % (s + i) for i in range(len(data[s : s + 10_000]))])
+    print(f"  loaded and indexed (2 threads, normal priority) in {time.perf_counter() - t0:.0f}s: {store.stats()['ann']}")
+    hits = sum(len(set(store.find(q, 10).values) & set(store.exact_find(q, 10).values)) for q in qs)
+    a, b = alternate(lambda q: store.find(q, 10), lambda q: numpy_scan(data, q), list(qs))
+    e, _ = alternate(lambda q: store.exact_find(q, 10), lambda q: None, list(qs))
+    print(f"  ours (ANN) {p50(a):6.3f} ms p50, recall@10 {hits / (10 * nq):.4f}; ours exact {p50(e):6.2f} ms; "
+          f"numpy float32 scan {p50(b):6.2f} ms -> ANN/numpy {p50(a) / p50(b):5.3f}x")
+    store.close()
+
+
 def bench_set(n: int, batch: int = 1000) -> None:
     print(f"\n## Set: {n:,} x {DIM} keys in StoresSet messages of {batch} ({load()})")
     data = make_data("random", n, 11)
@@ -268,6 +286,7 @@ def main() -> None:
             bench_wire(kind, args.n, args.queries, args.max_wait)
     if "inproc" in sections:
         bench_inproc(args.n, args.queries)
+        bench_inproc_ann(args.n, args.queries)
     if "set" in sections:
         bench_set(min(args.n, 20_000))
 

@@ -47,11 +47,6 @@ class KeyTable:
         self.value_bytes = 0
         self._buckets: dict[int, int | list[int]] = {}
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.keys.nbytes + self.codes.nbytes + self.norms.nbytes + self.inv32.nbytes
-                   + self.steps.nbytes + self.ids.nbytes)
-
     # ---- lookups -------------------------------------------------------------------------
     def find_row(self, key: np.ndarray, h: int | None = None) -> int:
         b = self._buckets.get(key_hash(key) if h is None else h)
