@@ -214,8 +214,8 @@ async def test_finetune_teaches_smollm2_a_fact_and_the_gguf_lora_recalls_it(back
             model=SMOL, dataset_source=str(data), output_dir=str(out), job_id="fact", training_type="lora",
             training_method="sft", adapter_rank=16, adapter_alpha=32, adapter_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], learning_rate=2e-3, max_steps=PROOF_STEPS,
-            batch_size=4, gradient_accumulation_steps=1, warmup_steps=1, save_steps=4, seed=1234,
-            optimizer="adamw", weight_decay=0.01)
+            batch_size=4, gradient_accumulation_steps=1, save_steps=4, seed=1234, optimizer="adamw",
+            weight_decay=0.01, extra_options={"warmup_steps": "0"})  # proto3: the field's 0 means "default 5"
         assert started.success and "1 messages" not in started.message and "4 messages" in started.message
         updates, status_seen = [], None
         async for update in client.fine_tune_progress(job_id="fact"):

@@ -254,7 +254,10 @@ def test_finetune_request_validation(tmp_path) -> None:
     assert (p["rank"], p["alpha"], p["learning_rate"], p["num_epochs"], p["batch_size"],
             p["gradient_accumulation_steps"], p["warmup_steps"], p["weight_decay"], p["seed"]) == (
         16, 16.0, 2e-4, 3, 2, 4, 5, 0.01, 3407)
+    explicit = plan_finetune({**base, "extra_options": {"warmup_steps": "0", "weight_decay": "0"}}, "j")
+    assert (explicit["warmup_steps"], explicit["weight_decay"]) == (0, 0.0)
     cases = [
+        ({"extra_options": {"weight_decay": "nan"}}, "extra_options.weight_decay", "finite"),
         ({"training_type": "full"}, "training_type", "lora"),
         ({"training_method": "dpo"}, "training_method", "sft"),
         ({"optimizer": "adamw_8bit"}, "optimizer", "bitsandbytes"),

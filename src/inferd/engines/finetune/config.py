@@ -33,6 +33,10 @@ OPTIONS = {
     "lr_scheduler_type": f"learning-rate schedule: {', '.join(SCHEDULERS)} (default linear)",
     "save_total_limit": "keep at most this many checkpoints (default: all)",
     "logging_steps": "report loss every N steps (default 1)",
+    # proto3 cannot tell 0 from unset, so the typed fields' 0 means "the default"; these set 0 (or
+    # any value) explicitly: extra_options {"warmup_steps": "0"} is no warmup.
+    "warmup_steps": "explicit warmup steps (0 allowed), overriding the field",
+    "weight_decay": "explicit weight decay (0 allowed), overriding the field",
 }
 
 
@@ -60,6 +64,17 @@ def _option_int(options: dict[str, str], key: str, default: int, lo: int, hi: in
     if not text.lstrip("-").isdigit():
         raise InvalidArgument(f"must be a whole number, got {text!r}", f"extra_options.{key}")
     return bounded_int(int(text), f"extra_options.{key}", lo, hi)
+
+
+def _option_float(options: dict[str, str], key: str, default: float, lo: float, hi: float) -> float:
+    text = options.get(key, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidArgument(f"must be a number, got {text!r}", f"extra_options.{key}") from None
+    return finite_float(value, f"extra_options.{key}", lo, hi)
 
 
 def plan_finetune(fields: dict[str, Any], job_id: str, models_dir: str | None = None) -> dict[str, Any]:
@@ -145,10 +160,12 @@ def plan_finetune(fields: dict[str, Any], job_id: str, models_dir: str | None = 
         "num_epochs": _int(fields, "num_epochs", 3, 1, 100_000),
         "batch_size": _int(fields, "batch_size", 2, 1, 4096),
         "gradient_accumulation_steps": _int(fields, "gradient_accumulation_steps", 4, 1, 4096),
-        "warmup_steps": _int(fields, "warmup_steps", 5, 0, 10_000_000),
+        "warmup_steps": _option_int(options, "warmup_steps", _int(fields, "warmup_steps", 5, 0, 10_000_000),
+                                    0, 10_000_000),
         "max_steps": bounded_int(int(fields.get("max_steps") or 0), "max_steps", 0, 10_000_000),
         "save_steps": bounded_int(int(fields.get("save_steps") or 0), "save_steps", 0, 10_000_000),
-        "weight_decay": _float(fields, "weight_decay", 0.01, 0.0, 10.0),
+        "weight_decay": _option_float(options, "weight_decay", _float(fields, "weight_decay", 0.01, 0.0, 10.0),
+                                      0.0, 10.0),
         "gradient_checkpointing": bool(fields.get("gradient_checkpointing")),
         "optimizer": OPTIMIZERS[optimizer],
         "seed": int(fields.get("seed") or 3407),

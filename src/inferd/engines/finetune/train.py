@@ -136,7 +136,7 @@ def build_trainer(p: dict[str, Any], channel: JobChannel | None) -> tuple[Any, A
         data_seed=int(p["seed"]), logging_steps=int(p["logging_steps"]),
         save_strategy="steps" if int(p["save_steps"]) else "no", save_steps=int(p["save_steps"]) or 500,
         save_total_limit=int(p["save_total_limit"]) or None, bf16=p["mixed_precision"] == "bf16",
-        gradient_checkpointing=bool(p.get("gradient_checkpointing")), use_cpu=True, report_to="none",
+        activation_checkpointing=bool(p.get("gradient_checkpointing")), use_cpu=True, report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0,
     )
     collator = Collator(tokenizer.pad_token_id)
