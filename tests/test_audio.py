@@ -355,6 +355,7 @@ async def test_bad_inputs_name_the_field(piper, whisper, vad, tmp_path):
          grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (piper, "tts", pb.TTSRequest(text="Hi.", dst=str(tmp_path / "missing" / "out.wav")), grpc.StatusCode.NOT_FOUND, "dst"),
         (piper, "tts", pb.TTSRequest(text="Hi.", dst=str(tmp_path)), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
+        (piper, "tts", pb.TTSRequest(text="Hi.", dst=os.devnull), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
         (piper, "tts", pb.TTSRequest(text="Hi."), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
         (piper, "tts", pb.TTSRequest(text="   ", dst=str(tmp_path / "e.wav")), grpc.StatusCode.INVALID_ARGUMENT, "text"),
         (piper, "tts", pb.TTSRequest(text="x" * 20_001, dst=str(tmp_path / "e.wav")), grpc.StatusCode.INVALID_ARGUMENT, "text"),
@@ -367,6 +368,7 @@ async def test_bad_inputs_name_the_field(piper, whisper, vad, tmp_path):
             await client.close()
         assert exc.value.code == code, (request, exc.value)
         assert field in exc.value.details, (request, exc.value)
+    assert Path(os.devnull).is_char_device()  # refused, not replaced by a regular file
     async with running_server(piper) as server:  # a stream fails before sending anything
         client = await _client(server)
         with pytest.raises(RpcError) as exc:

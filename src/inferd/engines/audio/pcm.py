@@ -11,13 +11,14 @@ runs libopus), so there is one resampler and no hand-written filter.
 
 from __future__ import annotations
 
+import errno
 import io
 import wave
 from pathlib import Path
 
 import numpy as np
 
-from inferd.errors import InvalidArgument
+from inferd.errors import InvalidArgument, ResourceExhausted
 
 #: Rates a request may name (PCM in, codec or output rates): telephony to studio.
 MIN_RATE = 8000
@@ -68,12 +69,23 @@ def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
-def write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
-    """Write ``pcm`` (int16 mono) to ``path`` atomically (a temp file renamed in place)."""
+def write_wav(path: Path, pcm: np.ndarray, rate: int, field: str = "dst") -> None:
+    """Write ``pcm`` (int16 mono) to ``path`` atomically (a temp file renamed in place).
+
+    An existing target that is not a regular file (``/dev/null``, a FIFO, a device) is refused:
+    renaming over it would replace the device node, and writing into a device is never what a
+    TTS request means. Failures are errors the caller can act on, naming ``field``.
+    """
+    if path.exists() and not path.is_file():
+        raise InvalidArgument(f"{str(path)!r} exists and is not a regular file", field)
     tmp = path.with_name(f".{path.name}.part")
     try:
         tmp.write_bytes(wav_bytes(pcm, rate))
         tmp.replace(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"{field}: no space left to write {str(path)!r}") from None
+        raise InvalidArgument(f"cannot write {str(path)!r}: {exc.strerror or exc}", field) from None
     finally:
         tmp.unlink(missing_ok=True)
 
