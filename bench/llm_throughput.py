@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -45,10 +46,18 @@ from inferd.engines.llama import default_model_path  # noqa: E402
 from inferd.engines.llama.model import default_threads  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
 
-PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+# Every request gets its own number up front, so no engine's prompt cache (inferd's prefix cache,
+# llama-server's cache_prompt, llama-cpp-python's prefix reuse) can skip the prefill: all run
+# with their default settings and still measure a cold prompt (bench/prefix_cache.py measures reuse).
+_REQUEST_IDS = itertools.count()
+PROMPT = ("<|im_start|>system\nRequest {n}. You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
           "<|im_start|>user\nTell me a long story about a dragon who learns to paint.<|im_end|>\n"
           "<|im_start|>assistant\n")
 STREAM_COUNTS = (1, 2, 4, 8)
+
+
+def prompt() -> str:
+    return PROMPT.format(n=next(_REQUEST_IDS))
 
 
 def free_port() -> int:
@@ -70,11 +79,10 @@ class LlamaCppPython:
 
     def run_once(self, tokens: int) -> tuple[float, float]:
         """(generation tokens/s, time to first token in s) of one request."""
-        self.llm.reset()  # no prompt-prefix reuse: inferd does not cache prompts either
         t0 = time.perf_counter()
         first = last = 0.0
         n = 0
-        for _chunk in self.llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
+        for _chunk in self.llm.create_completion(prompt(), max_tokens=tokens, temperature=0, stream=True):
             now = time.perf_counter()
             if n == 0:
                 first = now
@@ -121,7 +129,7 @@ class InferdServer:
 
 
 async def _inferd_stream(client, tokens: int) -> tuple[int, float, float]:
-    req = pb.PredictOptions(Prompt=PROMPT, Tokens=tokens, Temperature=0)
+    req = pb.PredictOptions(Prompt=prompt(), Tokens=tokens, Temperature=0)
     first = last = 0.0
     n = 0
     async for reply in client.predict_stream(req):
@@ -200,8 +208,7 @@ def llama_server_binary(explicit: str = "") -> tuple[str, str] | None:
 
 
 def _server_stream(port: int, tokens: int, timing: list[float] | None = None) -> int:
-    body = json.dumps({"prompt": PROMPT, "n_predict": tokens, "temperature": 0, "stream": True,
-                       "cache_prompt": False}).encode()
+    body = json.dumps({"prompt": prompt(), "n_predict": tokens, "temperature": 0, "stream": True}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
                                  headers={"Content-Type": "application/json"})
     n = 0
