@@ -333,6 +333,8 @@ def test_model_named_by_path_and_by_alias(tmp_path, speech):
 async def test_bad_inputs_name_the_field(piper, whisper, vad, tmp_path):
     text_file = tmp_path / "notes.txt"
     text_file.write_text("this is not audio\n" * 20)
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)  # nobody writes to it: opening it to read would block forever
     cases = [
         (vad, "vad", pb.VADRequest(), grpc.StatusCode.INVALID_ARGUMENT, "audio"),
         (vad, "vad", pb.VADRequest(audio=[0.0, math.nan, 0.1]), grpc.StatusCode.INVALID_ARGUMENT, "audio"),
@@ -340,6 +342,8 @@ async def test_bad_inputs_name_the_field(piper, whisper, vad, tmp_path):
         (whisper, "audio_transcription", pb.TranscriptRequest(dst=str(text_file)), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
         (whisper, "audio_transcription", pb.TranscriptRequest(dst=str(tmp_path / "gone.wav")), grpc.StatusCode.NOT_FOUND, "dst"),
         (whisper, "audio_transcription", pb.TranscriptRequest(dst=str(tmp_path)), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
+        (whisper, "audio_transcription", pb.TranscriptRequest(dst=str(fifo)), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
+        (whisper, "audio_transcription", pb.TranscriptRequest(dst="/dev/urandom"), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
         (whisper, "audio_transcription", pb.TranscriptRequest(), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
         (whisper, "audio_transcription", pb.TranscriptRequest(dst=str(text_file), language="fr"),
          grpc.StatusCode.INVALID_ARGUMENT, "language"),

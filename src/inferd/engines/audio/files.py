@@ -3,8 +3,8 @@
 FFmpeg (bundled in PyAV's wheels) reads the container, decodes the codec, downmixes and
 resamples in one pass, streaming frame by frame, so a long file never exists twice in
 memory. Every failure a user can cause is a precise error naming the request field:
-a missing file is ``NotFound``; a directory, a text file, a video without sound, a file
-with no samples or one longer than ``MAX_SECONDS`` is ``InvalidArgument``.
+a missing file is ``NotFound``; a directory, a device or FIFO, a text file, a video without
+sound, a file with no samples or one longer than ``MAX_SECONDS`` is ``InvalidArgument``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def load_audio(path: Path, rate: int, field: str = "dst", max_seconds: float = M
         raise NotFound(f"{field}: audio file {str(path)!r} does not exist")
     if path.is_dir():
         raise InvalidArgument(f"{str(path)!r} is a directory, not an audio file", field)
+    if not path.is_file():  # a FIFO would block the decoder forever, /dev/urandom never ends
+        raise InvalidArgument(f"{str(path)!r} is not a regular file", field)
     try:
         container = av.open(str(path), mode="r")
     except av.error.FFmpegError as exc:
