@@ -42,8 +42,11 @@ log = logging.getLogger("inferd.runtime")
 
 # rpcs that never take a lease nor the backend's call lock, nor count as "busy": they must
 # answer while a long generation holds the lock or LoadModel/Free hold the gate (LocalAI
-# polls Health/Status during calls).
-UNGATED = frozenset({"Health", "Status", "GetMetrics", "FineTuneProgress", "QuantizationProgress"})
+# polls Health/Status during calls). The model-operation rpcs never touch the loaded model
+# (their jobs run in child processes): a LoadModel/Free must not withdraw an ExportModel.
+UNGATED = frozenset({"Health", "Status", "GetMetrics", "FineTuneProgress", "QuantizationProgress",
+                     "StartFineTune", "StopFineTune", "ListCheckpoints", "ExportModel",
+                     "StartQuantization", "StopQuantization"})
 
 _HEALTH_REPLY = pb.Reply(message=b"OK")
 _SENTINEL = object()
