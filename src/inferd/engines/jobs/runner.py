@@ -179,6 +179,9 @@ class JobRunner:
                     stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
                     env=child_env(job.params.get("_env")), start_new_session=True,
                 )
+            except BaseException:
+                os.close(read_fd)
+                raise
             finally:
                 os.close(write_fd)
         job.pid, job.started = proc.pid, time.time()
