@@ -579,3 +579,12 @@ def test_several_voices_in_the_directory(piper, tmp_path):
         with wave.open(request.dst) as w:
             assert w.getframerate() == rate, request
     backend._free()
+
+
+def test_a_fifo_as_model_fails_the_load_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    Path(f"{fifo}.json").write_text("{}")
+    for backend in (SileroVadBackend(), PiperBackend()):
+        with pytest.raises(LoadError, match="not a regular file"):
+            backend.load(pb.ModelOptions(ModelFile=str(fifo)), CallContext("LoadModel"))

@@ -61,6 +61,8 @@ def normalize_language(code: str) -> str:
 
 def read_voice_info(path: Path) -> VoiceInfo:
     config = Path(f"{path}.json")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise LoadError(f"piper: voice {path} is not a regular file")
     if not config.is_file():
         raise LoadError(f"piper: voice config {config} not found (a voice is NAME.onnx + NAME.onnx.json)")
     try:

@@ -146,6 +146,8 @@ class SileroVad:
     def __init__(self, model_path: Path, threads: int = 1, config: VadConfig | None = None) -> None:
         import onnxruntime as ort
 
+        if not model_path.is_file():  # a directory, a FIFO or a device would fail or block
+            raise LoadError(f"silero-vad: {model_path} is not a regular file")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
