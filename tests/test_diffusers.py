@@ -77,14 +77,34 @@ def build_tiny_pipeline(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("diffusers"))
+def served(tmp_path_factory):
+    """(address, tiny pipeline dir): the server imports torch/diffusers while this process builds.
+
+    A LoadModel of an empty directory makes the server import its stack (and fail: no
+    model_index.json) while the pipeline is built here, so the two imports overlap.
+    """
+    root = tmp_path_factory.mktemp("diffusers")
+    (root / "empty").mkdir()
+    with spawned_server("--backend", "diffusers", "--load-on-start", "false", timeout=120) as (_, addr):
+        warm = new_sync_client(addr, parallel=True)
+        warming = threading.Thread(target=lambda: warm.load_model(ModelFile=str(root / "empty"), timeout=180))
+        warming.start()
+        try:
+            tiny = build_tiny_pipeline(root)
+        finally:
+            warming.join(180)
+            warm.close()
+        yield addr, tiny
 
 
 @pytest.fixture(scope="module")
-def address(tiny):
-    with spawned_server("--backend", "diffusers", "--load-on-start", "false", timeout=120) as (_, addr):
-        yield addr
+def tiny(served) -> Path:
+    return served[1]
+
+
+@pytest.fixture(scope="module")
+def address(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -194,33 +214,31 @@ def test_img2img_keeps_the_source_size_from_a_path_or_base64(client, tmp_path):
 
 
 # ---- load options -----------------------------------------------------------------------------
-def test_schedulers_guidance_steps_and_strength_options(client, tiny, tmp_path):
+def test_schedulers_guidance_steps_strength_and_clip_skip_options(client, tiny, tmp_path):
+    size = {"width": 32, "height": 32, "seed": 3}
+    src = write_png(tmp_path / "src.png", 32, 32)
     try:
         r = load(client, tiny, SchedulerType="euler_a")
         assert "EulerAncestralDiscreteScheduler" in r.message
-        _, euler = generate(client, tmp_path / "e.png", width=32, height=32, seed=3)
+        _, euler = generate(client, tmp_path / "e.png", **size)
         r = load(client, tiny, SchedulerType="k_dpmpp_2m")
         assert "DPMSolverMultistepScheduler" in r.message
-        _, dpm = generate(client, tmp_path / "d.png", width=32, height=32, seed=3)
+        _, dpm = generate(client, tmp_path / "d.png", **size)
         assert not np.array_equal(euler, dpm)
         # guidance 1 turns classifier-free guidance off: the negative prompt no longer matters
-        load(client, tiny, CFGScale=1.0)
-        _, plain = generate(client, tmp_path / "g1.png", width=32, height=32, seed=3)
-        _, negative = generate(client, tmp_path / "g1n.png", width=32, height=32, seed=3, negative_prompt="blurry")
+        load(client, tiny, CFGScale=1.0, CLIPSkip=1, Options=["steps:3", "strength:1.0"])
+        _, plain = generate(client, tmp_path / "g1.png", **size)
+        _, negative = generate(client, tmp_path / "g1n.png", negative_prompt="blurry", **size)
         assert np.array_equal(plain, negative)
-        r = load(client, tiny, Options=["steps:3", "strength:1.0"])
-        reply, _ = generate(client, tmp_path / "st.png", width=32, height=32, seed=3, step=0)
-        assert "3 steps" in reply.message
-        src = write_png(tmp_path / "src.png", 32, 32)
+        reply, _ = generate(client, tmp_path / "st.png", step=0, **size)
+        assert "3 steps" in reply.message  # Options steps: the default for step 0
         _, full = generate(client, tmp_path / "full.png", src=str(src), seed=3, step=4)
-        load(client, tiny, Options=["strength:0.5"])
-        _, half = generate(client, tmp_path / "half.png", src=str(src), seed=3, step=4)
+        # same settings but strength 0.5, and CLIPSkip given per call instead of at load
+        load(client, tiny, CFGScale=1.0, Options=["strength:0.5"])
+        _, in_call = generate(client, tmp_path / "csc.png", CLIPSkip=1, **size)
+        assert np.array_equal(plain, in_call)  # LoadModel's CLIPSkip = the request's
+        _, half = generate(client, tmp_path / "half.png", src=str(src), seed=3, step=4, CLIPSkip=1)
         assert not np.array_equal(full, half)
-        load(client, tiny, CLIPSkip=1)
-        _, skipped_at_load = generate(client, tmp_path / "csl.png", width=32, height=32, seed=3)
-        load(client, tiny)
-        _, skipped_in_call = generate(client, tmp_path / "csc.png", width=32, height=32, seed=3, CLIPSkip=1)
-        assert np.array_equal(skipped_at_load, skipped_in_call)
     finally:
         load(client, tiny)
 
