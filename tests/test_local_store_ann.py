@@ -63,8 +63,8 @@ def test_probe_lets_clustered_data_build() -> None:
 
 def test_finds_answer_exactly_while_a_low_priority_build_runs() -> None:
     pytest.importorskip("hnswlib")
-    data = clustered(3000, 32, seed=6)
-    s = VectorStore(None, StoreConfig(ann_threshold=3000, ann_probe_size=0, ann_time_ratio=1e9))
+    data = clustered(1500, 32, seed=6)
+    s = VectorStore(None, StoreConfig(ann_threshold=1500, ann_probe_size=0, ann_time_ratio=1e9))
     s.set(data, [b"%d" % i for i in range(len(data))])  # starts the background build
     answered = 0
     while s.stats()["ann"].startswith("building") and answered < 200:
