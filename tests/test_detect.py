@@ -78,6 +78,18 @@ def _b64(name: str) -> str:
     return base64.b64encode((PHOTOS / name).read_bytes()).decode()
 
 
+def _small_jpeg_b64() -> str:
+    import io
+
+    from PIL import Image
+
+    assert PHOTOS is not None
+    buffer = io.BytesIO()
+    with Image.open(PHOTOS / "chelsea.png") as img:
+        img.convert("RGB").resize((48, 32)).save(buffer, format="JPEG", quality=60)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 # ---- real photos ----------------------------------------------------------------------------
 async def test_face_box_where_the_face_is_and_none_without_a_person(loaded):
     assert PHOTOS is not None
@@ -234,6 +246,10 @@ async def test_images_dir_confines_paths_and_a_text_file_is_not_an_image(tmp_pat
                     assert info.value.code == code and info.value.details.startswith("src"), info.value.details
                 ok = await client.detect(src=_b64("astronaut.png"))  # bytes are not paths
                 assert any(d.class_name == "FACE_FEMALE" for d in ok.Detections)
+                # every JPEG's base64 starts with "/9j/": image bytes, not an absolute path
+                jpeg = _small_jpeg_b64()
+                assert jpeg.startswith("/9j/") and len(jpeg) < 4096
+                assert isinstance(await client.detect(src=jpeg), pb.DetectResponse)
             finally:
                 await client.close()
     finally:
