@@ -309,6 +309,27 @@ def test_generate_video_is_unimplemented_and_names_the_missing_model(client, tmp
     assert "video diffusion model" in err.details
 
 
+async def test_before_any_load_video_is_still_unimplemented_and_image_needs_a_model(tmp_path):
+    from inferd.backends.diffusers import DiffusersBackend
+    from inferd.client import new_client
+    from tests.helpers import running_server
+
+    backend = DiffusersBackend()
+    assert "GenerateVideo" not in backend.capabilities()
+    async with running_server(backend) as server:
+        c = new_client(f"127.0.0.1:{server.port}", parallel=True)
+        try:
+            with pytest.raises(RpcError) as info:
+                await c.generate_video(prompt="a cat", dst=str(tmp_path / "v.mp4"))
+            assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+            assert "video diffusion model" in info.value.details
+            with pytest.raises(RpcError) as info:
+                await c.generate_image(positive_prompt="a cat", dst=str(tmp_path / "i.png"))
+            assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            await c.close()
+
+
 def test_images_dir_confines_src_and_dst(tiny, tmp_path):
     from inferd.backends.context import CallContext
     from inferd.backends.diffusers import DiffusersBackend

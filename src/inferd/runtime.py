@@ -290,6 +290,9 @@ class BackendRuntime:
 
     # ---- the calling rules ------------------------------------------------------
     def _resolve(self, rpc: str) -> Callable[..., Any]:
+        reason = self.backend.explained_missing.get(rpc)
+        if reason is not None:  # missing for a stated reason: say it, loaded or not
+            raise Unsupported(self.backend.name, rpc, reason)
         if not self._supported[rpc]:
             raise Unsupported(self.backend.name, rpc)
         return getattr(self.backend, RPCS[rpc].method)

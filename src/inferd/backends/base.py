@@ -46,6 +46,10 @@ class Backend:
     name: ClassVar[str] = "base"
     #: False: calls are serialized with a lock (not thread-safe engines).
     parallel: ClassVar[bool] = False
+    #: rpcs this backend cannot serve for a stated reason (e.g. no model for them ships): the
+    #: runtime answers UNIMPLEMENTED with the reason, before any model check, and they are
+    #: not listed as capabilities.
+    explained_missing: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
         self.call_lock = asyncio.Lock()
@@ -120,7 +124,7 @@ class Backend:
 
     @classmethod
     def capabilities(cls) -> list[str]:
-        return [r for r in RPCS if r not in _ALWAYS_PROVIDED and cls.supports(r)]
+        return [r for r in RPCS if r not in _ALWAYS_PROVIDED and r not in cls.explained_missing and cls.supports(r)]
 
     # ---- capabilities: unsupported unless a backend overrides them -----------------
     def _unsupported(self, rpc: str) -> Any:

@@ -31,7 +31,7 @@ GenerateVideo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
@@ -70,6 +70,7 @@ class DiffusersBackend(Backend):
 
     name = "diffusers"
     parallel = False
+    explained_missing: ClassVar[dict[str, str]] = {"GenerateVideo": VIDEO_MISSING}
 
     def __init__(self, settings: Any = None) -> None:
         super().__init__()
@@ -159,6 +160,3 @@ class DiffusersBackend(Backend):
         mode = "image-to-image" if source is not None else "text-to-image"
         return pb.Result(success=True, message=f"{mode}: wrote {out.width}x{out.height} PNG to {out.path} "
                                                f"(seed {out.seed}, {out.steps} steps)")
-
-    def generate_video(self, request: pb.GenerateVideoRequest, ctx: CallContext) -> pb.Result:
-        raise Unsupported(self.name, "GenerateVideo", VIDEO_MISSING)
