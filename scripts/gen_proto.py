@@ -2,7 +2,8 @@
 
 Why a script: grpcio-tools writes absolute imports (``import backend_pb2``) that only
 work when the output folder is on ``sys.path``; we rewrite them to package-relative
-imports so the stubs live inside ``inferd.proto``. The output is deterministic for a
+imports so the stubs live inside ``inferd.proto`` (and name the messages' module
+``inferd.proto.X_pb2`` so they pickle). The output is deterministic for a
 given grpcio-tools version (pinned in pyproject), and ``tests/test_proto_stubs.py``
 fails when the committed stubs drift from the .proto files.
 
@@ -42,6 +43,10 @@ def generate(out_dir: Path) -> list[Path]:
         for path in sorted(Path(tmp).iterdir()):
             text = path.read_text()
             text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
+            # Messages take their __module__ from this name: the import path makes them
+            # picklable (Ray Serve pickles requests from its gRPC proxy to the replicas).
+            text = re.sub(r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '(\w+_pb2)'",
+                          r"BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferd.proto.\1'", text)
             target = out_dir / path.name
             target.write_text(text)
             written.append(target)
