@@ -131,8 +131,8 @@ class DiffusersBackend(Backend):
             raise LoadError(f"diffusers: CLIPSkip must be below the text encoder's {generator.text_layers} layers, "
                             f"got {options.CLIPSkip}")
         self.generator = generator
-        return (f"loaded {type(pipe).__name__} from {location.path} on {device} ({scheduler}, guidance {guidance:g}, "
-                f"native size {generator.native_size})")
+        return (f"loaded {type(pipe).__name__} from {location.path} on {device}, {str(dtype).removeprefix('torch.')} "
+                f"({scheduler}, guidance {guidance:g}, native size {generator.native_size})")
 
     def unload(self) -> None:
         generator, self.generator = self.generator, None
