@@ -191,6 +191,20 @@ async def test_image_jobs_are_tracked() -> None:
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "source_path" in exc.value.details()
 
 
+async def test_image_job_queue_is_bounded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from inferd.server import inference_servicer
+
+    monkeypatch.setattr(inference_servicer, "MAX_PENDING_JOBS", 2)
+    async with running_server(PainterBackend(delay=0.5)) as server, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        for i in range(2):
+            await stub.GenerateImage(ipb.ImageRequest(prompt="slow", output_path=str(tmp_path / f"{i}.png")))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.GenerateImage(ipb.ImageRequest(prompt="one too many"))
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in exc.value.details()
+
+
 async def test_services_setting_selects_what_is_served() -> None:
     async with running_server(EchoBackend(), services="backend") as server, \
             grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:

@@ -36,7 +36,7 @@ from google.protobuf import json_format
 
 from inferd.backends.context import CallContext
 from inferd.backends.memory import release_memory
-from inferd.errors import InvalidArgument, NoModelLoaded, NotFound, Unsupported
+from inferd.errors import InvalidArgument, NoModelLoaded, NotFound, ResourceExhausted, Unsupported
 from inferd.limits import parse_json
 from inferd.proto import backend_pb2 as pb
 from inferd.proto import inference_pb2 as ipb
@@ -49,6 +49,7 @@ log = logging.getLogger("inferd.server.inference")
 
 INFERENCE_SERVICE_NAME = "inference.Inference"
 MAX_JOBS = 1000  # finished image jobs remembered for CheckImageStatus
+MAX_PENDING_JOBS = 64  # queued + running image jobs; more are refused with RESOURCE_EXHAUSTED
 MAX_TEXTS = 2048
 
 
@@ -119,6 +120,10 @@ class ImageJobs:
                               "serve an image backend (a diffusion model) to generate or edit images")
         if not backend.loaded and getattr(backend, "needs_model", True):
             raise NoModelLoaded(backend.name, "GenerateImage")
+        pending = sum(1 for j in self._jobs.values() if j.state in (ipb.ImageJob.QUEUED, ipb.ImageJob.RUNNING))
+        if pending >= MAX_PENDING_JOBS:
+            raise ResourceExhausted(f"{pending} image jobs are queued or running (bound {MAX_PENDING_JOBS}); "
+                                    "retry later")
         job_id = f"img-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         if not request.dst:
             request.dst = os.path.join(tempfile.gettempdir(), f"inferd-{job_id}.png")
