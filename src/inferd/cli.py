@@ -6,6 +6,7 @@
     inferd backends               list the registered backends
     inferd up | ps | stop         the supervisor (see inferd.supervisor)
     inferd quantize | finetune    model-operation jobs, on a server (--addr) or in-process
+    inferd ray deploy | shutdown  models.yaml as Ray Serve deployments (inferd[ray])
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def _client_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", default="", help="client key (mTLS)")
     p.add_argument("--server-name", default="", help="TLS server name override")
     p.add_argument("--timeout", type=float, default=None, help="per-call deadline in seconds")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra call metadata, repeatable (e.g. application=MODEL for a Ray Serve cluster)")
+    p.add_argument("--retries", type=int, default=0,
+                   help="retry UNAVAILABLE on idempotent calls up to N more times (inferd.client.retry) [0]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     from inferd.model_ops_cli import add_model_ops_commands
 
     add_model_ops_commands(sub)
+    from inferd.scale.cli import add_ray_commands
+
+    add_ray_commands(sub)
     return parser
 
 
@@ -126,8 +134,17 @@ def _backends() -> int:
 def _make_client(args: argparse.Namespace) -> Any:
     import os
 
-    from inferd.client import ChannelOptions, new_client
+    from inferd.client import ChannelOptions, RetryPolicy, new_client
 
+    metadata = []
+    for item in args.metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"inferd: --metadata expects KEY=VALUE, got {item!r}")
+        metadata.append((key.strip().lower(), value))
+    if not 0 <= args.retries <= 99:
+        raise SystemExit(f"inferd: --retries must be 0-99, got {args.retries}")
+    retry = RetryPolicy(max_attempts=args.retries + 1) if args.retries else None
     key = args.api_key or os.environ.get("GRPC_API_KEY") or os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") or ""
     opts = ChannelOptions(
         api_key=key,
@@ -136,8 +153,9 @@ def _make_client(args: argparse.Namespace) -> Any:
         cert_file=args.cert_file,
         key_file=args.key_file,
         server_name=args.server_name,
+        metadata=tuple(metadata),
     )
-    return new_client(args.addr, parallel=True, options=opts)
+    return new_client(args.addr, parallel=True, options=opts, retry=retry)
 
 
 def _to_json(message: Any) -> str:

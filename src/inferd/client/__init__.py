@@ -22,6 +22,7 @@ from inferd.client.config import (
     sync_client_from_config,
 )
 from inferd.client.errors import RpcError
+from inferd.client.retry import RetryPolicy
 from inferd.client.transport import ChannelOptions, EmbeddedTransport, GrpcTransport
 from inferd.runtime import BackendRuntime
 
@@ -50,9 +51,13 @@ def new_client(
     watchdog: WatchdogHooks | None = None,
     enable_watchdog: bool = True,
     options: ChannelOptions | None = None,
+    retry: RetryPolicy | None = None,
     **option_fields: Any,
 ) -> Client:
-    """A client for ``address``: embedded if provided in-process, else over gRPC."""
+    """A client for ``address``: embedded if provided in-process, else over gRPC.
+
+    ``retry``: retry UNAVAILABLE on idempotent calls (``inferd.client.retry``); None: never.
+    """
     if option_fields:
         options = ChannelOptions(**{**(options.__dict__ if options else {}), **option_fields})
     wd = watchdog if enable_watchdog else None
@@ -60,8 +65,8 @@ def new_client(
         runtime = _embeds.get(address)
     if runtime is not None:
         md = options.metadata if options else ()
-        return Client(EmbeddedTransport(runtime, md), address, parallel, wd)
-    return Client(GrpcTransport(address, options), address, parallel, wd)
+        return Client(EmbeddedTransport(runtime, md), address, parallel, wd, retry)
+    return Client(GrpcTransport(address, options), address, parallel, wd, retry)
 
 
 def new_sync_client(address: str, **kwargs: Any) -> SyncClient:
@@ -72,6 +77,7 @@ __all__ = [
     "ChannelOptions",
     "Client",
     "ClientConfigError",
+    "RetryPolicy",
     "RpcError",
     "SyncClient",
     "WatchdogHooks",

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import grpc
 
 from inferd.client.errors import RpcError
+from inferd.client.retry import RetryPolicy, stream_with_retry, unary_with_retry
 from inferd.client.transport import Metadata, Transport
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import RPCS, Rpc
@@ -45,11 +46,13 @@ class Client:
         address: str,
         parallel: bool = False,
         watchdog: WatchdogHooks | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.transport = transport
         self.address = address
         self.parallel = parallel
         self.watchdog = watchdog
+        self.retry = retry  # inferd.client.retry: UNAVAILABLE on idempotent calls (None: no retries)
         self._op_lock = asyncio.Lock()
         self._busy = 0
         self._busy_guard = threading.Lock()
@@ -71,7 +74,7 @@ class Client:
         rpc = RPCS[rpc_name]
         request = _request(rpc, request, fields)
         if rpc.name in UNGATED:
-            return await self.transport.unary(rpc, request, timeout, metadata)
+            return await self._unary(rpc, request, timeout, metadata)
         if self.parallel:
             return await self._marked_unary(rpc, request, timeout, metadata)
         async with self._op_lock:
@@ -80,9 +83,21 @@ class Client:
     async def _marked_unary(self, rpc: Rpc, request: Any, timeout: float | None, metadata: Metadata) -> Any:
         self._set_busy(1)
         try:
-            return await self.transport.unary(rpc, request, timeout, metadata)
+            return await self._unary(rpc, request, timeout, metadata)
         finally:
             self._set_busy(-1)
+
+    async def _unary(self, rpc: Rpc, request: Any, timeout: float | None, metadata: Metadata) -> Any:
+        if self.retry is None:
+            return await self.transport.unary(rpc, request, timeout, metadata)
+        return await unary_with_retry(self.retry, rpc.name, timeout,
+                                      lambda left: self.transport.unary(rpc, request, left, metadata))
+
+    def _stream(self, rpc: Rpc, request: Any, timeout: float | None, metadata: Metadata) -> AsyncIterator[Any]:
+        if self.retry is None:
+            return self.transport.stream(rpc, request, timeout, metadata)
+        return stream_with_retry(self.retry, rpc.name, timeout,
+                                 lambda left: self.transport.stream(rpc, request, left, metadata))
 
     async def call_stream(
         self, rpc_name: str, request: Any = None, timeout: float | None = None, metadata: Metadata = (),
@@ -97,7 +112,7 @@ class Client:
             await lock.acquire()
         if gated:
             self._set_busy(1)
-        stream = self.transport.stream(rpc, request, timeout, metadata)
+        stream = self._stream(rpc, request, timeout, metadata)
         try:
             async for reply in stream:
                 yield reply

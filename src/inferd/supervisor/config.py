@@ -80,6 +80,7 @@ class ModelSpec:
     parallel: bool = False  # the client serializes calls unless the backend is parallel
     pinned: bool = False  # never evicted (LRU, memory threshold, groups); only stop/watchdog stop it
     group: str = ""  # mutually exclusive group: starting this model stops the other members
+    ray: Mapping[str, Any] = field(default_factory=dict)  # replicas/resources for `inferd ray deploy` (inferd.scale)
 
     def model_options(self) -> pb.ModelOptions:
         options = pb.ModelOptions()
@@ -169,7 +170,7 @@ _TOP_KEYS = {"models", "max_loaded", "watchdog", "health_timeout", "load_timeout
              "child_shutdown_grace", "bind_retries", "track_external_calls", "run_dir", "log_dir",
              "memory_threshold", "memory_source", "memory_interval", "http"}
 _WD_KEYS = {"busy_timeout", "idle_timeout", "interval", "force_eviction_when_busy"}
-_MODEL_KEYS = {"name", "backend", "model", "options", "env", "port", "parallel", "pinned", "group"}
+_MODEL_KEYS = {"name", "backend", "model", "options", "env", "port", "parallel", "pinned", "group", "ray"}
 
 
 def config_from_dict(data: Mapping[str, Any], base_dir: Path | None = None) -> SupervisorConfig:
@@ -202,6 +203,7 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Path | None = None) -> S
             parallel=bool(m.get("parallel", False)),
             pinned=bool(m.get("pinned", False)),
             group=str(m.get("group", "") or ""),
+            ray=_mapping(m.get("ray"), f"models[{i}].ray"),
         ))
     kw: dict[str, Any] = {"models": tuple(specs)}
     for key in ("max_loaded", "bind_retries"):
@@ -243,6 +245,14 @@ def load_config(path: str | os.PathLike[str]) -> SupervisorConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     return config_from_dict(data or {}, p.resolve().parent)
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: must be a mapping")
+    return dict(value)
 
 
 def _no_unknown(m: Mapping[str, Any], allowed: set[str], where: str) -> None:

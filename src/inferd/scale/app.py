@@ -1,0 +1,107 @@
+"""Deploy the models of a ``models.yaml`` as Ray Serve applications, and tear them down.
+
+One Ray Serve *application* per model, named like the model: Ray's gRPC proxy picks the
+application from the ``application`` request metadata (``inferd call --metadata
+application=NAME``); with one model deployed, no metadata is needed. Each application
+has one deployment of ``ModelReplica`` with the replicas/resources of the entry's
+``ray:`` block (``inferd.scale.config``).
+
+Ray is told never to reach the internet: usage stats off (``RAY_USAGE_STATS_ENABLED=0``,
+set before Ray is imported) and no dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.scale.config import scale_spec
+from inferd.scale.replica import GRPC_SERVICER_FUNCTIONS, ModelReplica
+from inferd.supervisor.config import SupervisorConfig
+
+log = logging.getLogger("inferd.scale")
+
+DEFAULT_GRPC_PORT = 9000
+DEFAULT_HTTP_PORT = 8000
+
+
+class RayMissing(RuntimeError):
+    """``ray[serve]`` is not installed: the message says how to get it."""
+
+
+def import_ray() -> tuple[Any, Any]:
+    """Import ray and ray.serve with usage stats off (they would phone home otherwise)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise RayMissing(f"Ray Serve is not installed ({exc}); pip install 'inferd[ray]'") from None
+    return ray, serve
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the deployed models answer."""
+
+    grpc_address: str
+    http_address: str
+    applications: tuple[str, ...]
+
+
+def connect(address: str | None = None, num_cpus: float | None = None, temp_dir: str | None = None) -> None:
+    """Join the Ray cluster at ``address`` ("auto": the local one), or start a single-node one."""
+    ray, _ = import_ray()
+    if ray.is_initialized():
+        return
+    kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                          "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, **kw)
+
+
+def deploy(config: SupervisorConfig, *, address: str | None = None, grpc_port: int = DEFAULT_GRPC_PORT,
+           http_port: int = DEFAULT_HTTP_PORT, http_host: str = "127.0.0.1", num_cpus: float | None = None,
+           request_timeout_s: float | None = None, temp_dir: str | None = None) -> Cluster:
+    """Start (or join) Ray, start Serve's proxies and deploy every model; returns once all are ready.
+
+    Every ``ray:`` block is validated before Ray starts, so a typo costs no cluster start.
+    """
+    specs = [(spec, scale_spec(spec)) for spec in config.models]
+    if not specs:
+        raise ValueError("the models file has no models to deploy")
+    ray, serve = import_ray()
+    from ray.serve.config import gRPCOptions
+
+    connect(address, num_cpus, temp_dir)
+    grpc_options = gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
+                               request_timeout_s=request_timeout_s)
+    serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options)
+    for spec, scale in specs:
+        app = serve.deployment(ModelReplica).options(name=spec.name, **scale.deployment_options()).bind(
+            spec.name, spec.backend, spec.model_options().SerializeToString(), dict(spec.env))
+        # serve.run returns once the application's replicas have started (model loaded: the
+        # first health check loads it) or raises with the replica's failure.
+        serve.run(app, name=spec.name, route_prefix=f"/{spec.name}")
+        log.info("deployed %s (%s)", spec.name, scale)
+    node_ip = ray.util.get_node_ip_address()
+    return Cluster(grpc_address=f"{node_ip}:{grpc_port}", http_address=f"{http_host}:{http_port}",
+                   applications=tuple(spec.name for spec, _ in specs))
+
+
+def shutdown(address: str | None = "auto") -> None:
+    """Delete every Serve application and stop the proxies, then disconnect from Ray.
+
+    A single-node Ray started by ``deploy`` ends with the ``inferd ray deploy`` process;
+    a cluster started with ``ray start`` stays up (``ray stop`` stops it).
+    """
+    ray, serve = import_ray()
+    connect(address)
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
