@@ -112,13 +112,16 @@ def recall_at(index: HnswIndex, queries: np.ndarray, truth: list[set[int]], ef: 
               k: int = 10) -> tuple[float, float]:
     """(recall@k, ms per query) of ``index`` at ``ef`` against exact ``truth`` id sets.
 
-    The time is this thread's CPU time (searches of one query run in the calling thread):
+    The time is this thread's CPU time (the batch is searched in the calling thread):
     the index builder runs at a low priority, and wall-clock time would count every
     preemption by other work as search time.
     """
     index.set_ef(ef)
     t0 = time.thread_time()
-    found = [index.search(q, k) for q in queries]
+    # One call for all queries: hnswlib releases the GIL for the whole batch. A niced
+    # builder thread that holds the GIL when it is preempted stalls every Find until it
+    # runs again (priority inversion), so the builder takes the GIL as rarely as it can.
+    found = index.search_batch(queries, k)
     ms = (time.thread_time() - t0) / max(len(queries), 1) * 1e3
     hits = sum(len(set(row.tolist()) & want) for row, want in zip(found, truth, strict=True))
     return hits / max(sum(len(w) for w in truth), 1), ms
