@@ -29,7 +29,7 @@ pytest.importorskip("fastapi")
 
 from inferd.supervisor.async_manager import AsyncModelManager  # noqa: E402
 from inferd.supervisor.config import ModelSpec, SupervisorConfig  # noqa: E402
-from tests.helpers import ROOT  # noqa: E402
+from tests.helpers import ROOT, free_port  # noqa: E402
 
 KEY = "sk-inferd-test"
 ECHO = "tests.fixtures_backend:EchoBackend"
@@ -453,9 +453,10 @@ def test_inferd_up_http_prints_the_address_and_serves(tmp_path: Path) -> None:
             env: {{PYTHONPATH: {ROOT}}}
     """))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRPC_API_KEY": KEY}
+    metrics_port = free_port()
     up = subprocess.Popen([sys.executable, "-m", "inferd.cli", "up", str(tmp_path / "models.yaml"), "--lazy",
-                           "--run-dir", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env=env, text=True)
+                           "--run-dir", str(tmp_path / "run"), "--metrics-port", str(metrics_port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         assert up.stdout is not None
         line = ""
@@ -470,6 +471,12 @@ def test_inferd_up_http_prints_the_address_and_serves(tmp_path: Path) -> None:
         assert [m.id for m in oa.models.list().data] == ["echo"]
         r = oa.completions.create(model="echo", prompt="started on demand")
         assert r.choices[0].text == "started on demand"
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text  # the supervisor's own port
+        states = {s.labels["state"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                  if s.name == "inferd_supervisor_model_state" and s.labels["model"] == "echo"}
+        assert states["ready"] == 1 and states["stopped"] == 0
     finally:
         up.terminate()
         assert up.wait(timeout=30) == 0

@@ -155,7 +155,7 @@ def test_busy_timeout_kills_a_stuck_call_and_restarts_on_demand(tmp_path: Path, 
         assert exc.value.code == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - t0 < 5
         assert not alive(pid)
-        assert "busy on one call" in row(m, "a")["last_event"]
+        assert "busy on one call" in row(m, "a")["last_event"] and row(m, "a")["watchdog_kills"] == 1
         assert any("killing model a" in r.message and "busy timeout 0.5s" in r.message for r in caplog.records)
         assert a.predict(Prompt="again").message == b"again"
         assert row(m, "a")["pid"] != pid

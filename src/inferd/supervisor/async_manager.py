@@ -364,8 +364,7 @@ class AsyncModelManager:
         for victim in victims:
             busy = self.watchdog.is_busy(self.address(victim) or "")
             reason = f"LRU eviction: max_loaded={cfg.max_loaded} reached, making room for {name}"
-            if await self._stop(victim, reason, kill=busy, blocking=False):
-                self._slot(victim).counters.evictions += 1
+            await self._stop(victim, reason, kill=busy, blocking=False, count="evictions")
         excess = len([r for r in self._running() if r.name != name]) - cfg.max_loaded + 1
         if cfg.max_loaded > 0 and excess > 0:
             log.warning("LRU eviction incomplete for %s: %d over max_loaded=%d (the others are busy or pinned)",
@@ -387,8 +386,7 @@ class AsyncModelManager:
                 raise ModelError(f"model {name!r} cannot start: {member.name!r} of its exclusive group {group!r} "
                                  f"is still busy after {GROUP_WAIT:g}s")
             reason = f"exclusive group {group!r}: {name} is starting"
-            if await self._stop(member.name, reason, kill=self.watchdog.is_busy(address)):
-                self._slot(member.name).counters.evictions += 1
+            await self._stop(member.name, reason, kill=self.watchdog.is_busy(address), count="evictions")
 
     async def _relieve_memory(self, keep: str = "") -> None:
         """While memory use is past the threshold, stop the least recently used evictable backend."""
@@ -403,9 +401,8 @@ class AsyncModelManager:
                 return
             reason = f"memory {used:.1f}% >= threshold {cfg.memory_threshold:g}% ({cfg.memory_source})"
             busy = self.watchdog.is_busy(self.address(victim) or "")
-            if not await self._stop(victim, reason, kill=busy, blocking=False):
+            if not await self._stop(victim, reason, kill=busy, blocking=False, count="evictions"):
                 return
-            self._slot(victim).counters.evictions += 1
 
     def _memory_percent(self) -> float:
         """Used memory in percent: the machine's (``system``) or ours plus the backends' (``process``)."""
@@ -444,20 +441,19 @@ class AsyncModelManager:
                 self.watchdog.observe_status(address, st.state == pb.StatusResponse.BUSY)
 
     async def _watchdog_act(self, name: str, reason: str, kill: bool) -> None:
-        if await self._stop(name, f"watchdog: {reason}", kill=kill):
-            counters = self._slot(name).counters
-            if kill:
-                counters.watchdog_kills += 1
-            else:
-                counters.watchdog_stops += 1
+        await self._stop(name, f"watchdog: {reason}", kill=kill, count="watchdog_kills" if kill else "watchdog_stops")
 
-    async def _stop(self, name: str, reason: str, kill: bool, blocking: bool = True) -> bool:
+    async def _stop(self, name: str, reason: str, kill: bool, blocking: bool = True, count: str = "") -> bool:
+        """Stop a running backend; ``count`` names the ``Counters`` field to bump (before the stop,
+        so a caller whose call fails because of it already sees the count)."""
         slot = self._slot(name)
         if not blocking and slot.lock.locked():
             return False  # someone is starting or stopping it right now
         async with slot.lock:
             if slot.proc is None or slot.state not in (READY, STARTING):
                 return False
+            if count:
+                setattr(slot.counters, count, getattr(slot.counters, count) + 1)
             verb = "killing" if kill else "stopping"
             log.warning("model %s: %s backend pid %s: %s", name, verb, slot.proc.pid, reason)
             slot.last_event = f"{'killed' if kill else 'stopped'}: {reason}"  # before: callers see it

@@ -41,6 +41,8 @@ def add_supervisor_commands(sub: argparse._SubParsersAction) -> None:  # type: i
                     help="text lines or one JSON object per line")
     up.add_argument("--http", default=None, metavar="HOST:PORT",
                     help="serve the OpenAI-compatible API there (port 0 picks one); overrides 'http:' in the file")
+    up.add_argument("--metrics-port", type=int, default=None,
+                    help="also serve the supervisor's Prometheus /metrics on this port (the HTTP front has its own)")
     up.add_argument("--api-key", default=None,
                     help="key(s) the HTTP API requires as 'Authorization: Bearer KEY', comma-separated "
                          "[env GRPC_API_KEY; default none]")
@@ -101,12 +103,14 @@ def _up(args: argparse.Namespace) -> int:
     key = args.api_key if args.api_key is not None else os.environ.get("GRPC_API_KEY", "")
     keys = tuple(k.strip() for k in key.split(",") if k.strip())
     try:
-        return asyncio.run(_run_up(cfg, run_dir, str(Path(args.config).resolve()), args.lazy, keys))
+        return asyncio.run(_run_up(cfg, run_dir, str(Path(args.config).resolve()), args.lazy, keys,
+                                   args.metrics_port))
     except KeyboardInterrupt:
         return 130
 
 
-async def _run_up(cfg: Any, run_dir: Path, config_path: str, lazy: bool, api_keys: tuple[str, ...]) -> int:
+async def _run_up(cfg: Any, run_dir: Path, config_path: str, lazy: bool, api_keys: tuple[str, ...],
+                  metrics_port: int | None = None) -> int:
     """The manager, its control endpoint and (with ``http``) the OpenAI front, in one event loop."""
     from inferd.supervisor.control import ControlError, ControlServer
     from inferd.supervisor.manager import AsyncModelManager, ModelError, ModelManager
@@ -118,7 +122,7 @@ async def _run_up(cfg: Any, run_dir: Path, config_path: str, lazy: bool, api_key
     manager = AsyncModelManager(cfg)
     await manager.start()
     control = ControlServer(ModelManager.attach(manager, loop), run_dir, config_path)
-    front = None
+    front = metrics = None
     try:
         try:
             url = control.start()
@@ -135,6 +139,19 @@ async def _run_up(cfg: Any, run_dir: Path, config_path: str, lazy: bool, api_key
                 print(f"inferd up: {exc}", file=sys.stderr)
                 return 1
             print(f"inferd: http on {front.host}:{front.port}", flush=True)
+        if metrics_port is not None:
+            from inferd.observability.backend_collector import MetricsEndpoint
+            from inferd.observability.metrics import Metrics
+            from inferd.observability.supervisor_collector import SupervisorCollector
+
+            registry = Metrics()
+            registry.registry.register(SupervisorCollector(manager))
+            try:
+                metrics = MetricsEndpoint(registry, "127.0.0.1", metrics_port)
+            except OSError as exc:
+                print(f"inferd up: --metrics-port: {exc}", file=sys.stderr)
+                return 1
+            print(f"inferd: metrics on {metrics.host}:{metrics.port}", flush=True)
         if not lazy:
             limit = cfg.max_loaded or len(cfg.models)
             for spec in cfg.models[:limit]:
@@ -152,6 +169,8 @@ async def _run_up(cfg: Any, run_dir: Path, config_path: str, lazy: bool, api_key
     finally:
         if front is not None:
             await front.stop()
+        if metrics is not None:
+            metrics.close()
         await asyncio.to_thread(control.stop)
         await manager.close()
 
