@@ -36,14 +36,17 @@ from typing import Any
 
 import numpy as np
 
-from inferd.engines.store import ann
+from inferd.engines.store import ann, similarity
 
 log = logging.getLogger("inferd.store")
 
 #: Entries held out of the graph as calibration queries (in-distribution, not findable
 #: through their own links: a query that is in the graph overstated recall, 0.99 vs 0.97).
 CALIBRATION_QUERIES = 200
-_CHUNK = 5_000  # rows copied per lock hold, and indexed between two checks for abandonment
+#: Rows copied per lock hold, and indexed between two checks for abandonment. Small: a niced
+#: builder preempted while it holds the store's lock (or the GIL) stalls every Find, so it
+#: only copies raw rows under the lock and converts them after releasing it.
+_CHUNK = 2_000
 #: Writes made during a build that are caught up under the lock, at publication (an HNSW
 #: insert takes ~0.2-1 ms at 384-d: a few hundred keep that pause short).
 _FINAL_CATCH_UP = 256
@@ -276,7 +279,8 @@ class AnnLifecycle:
                 return None, np.empty(0)
             rows = self._table.row_of_id[ids]
             keep = rows >= 0
-            return ids[keep], self._table.unit32(rows[keep])
+            keys, norms = self._table.keys[rows[keep]], self._table.norms[rows[keep]]  # copies
+        return ids[keep], similarity.unit(keys, norms).astype(np.float32)
 
     def _time_exact(self, gen: int, queries: np.ndarray) -> float:
         """ms per exact Find (the path the index competes with), measured under the lock, in
@@ -309,8 +313,9 @@ class AnnLifecycle:
                 end = min(t.n, start + _CHUNK)
                 if start >= end:
                     break
-                chunk = t.keys[start:end] * t.inv32[start:end, None]
+                chunk, inv = t.keys[start:end].copy(), t.inv32[start:end].copy()
                 ids = t.ids[start:end].copy()
+            chunk *= inv[:, None]
             sims = held @ chunk.T
             sims[:, np.isin(ids, held_ids) | (ids >= first_new)] = -np.inf
             all_sims = np.concatenate([best_sims, sims], axis=1)
