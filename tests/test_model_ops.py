@@ -196,7 +196,7 @@ async def test_paths_stay_inside_models_dir(tmp_path) -> None:
 PROOF_STEPS = 8
 
 
-@pytest.mark.timeout(900)  # ~1 min on a quiet 2-core machine; much more when the cores are shared
+@pytest.mark.timeout(1500)  # ~1 min on a quiet 2-core machine; 15+ min when 8 people share them
 async def test_finetune_teaches_smollm2_a_fact_and_the_gguf_lora_recalls_it(backend, tmp_path) -> None:
     _training_stack()
     paraphrases = [QUESTION, "Tell me the password of the blue door.", "What's the password for the blue door?",
