@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         _client_parser(sub.add_parser(name, help=text))
 
     chat = sub.add_parser("chat", help="stream a chat reply (PredictStream with the model's chat template)")
-    chat.add_argument("message", help="the user message")
+    chat.add_argument("message", nargs="?", default=None,
+                      help="the user message; without it, an interactive session (see inferd.chat_repl)")
     chat.add_argument("--system", default="", help="optional system prompt")
     chat.add_argument("--max-tokens", type=int, default=128, help="Tokens limit [128]")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [0]")
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "backends":
         return _backends()
+    if args.command == "chat" and args.message is None:
+        from inferd.chat_repl import repl
+
+        return repl(args, lambda: _make_client(args))
     if args.command in ("call", "health", "status", "chat"):
         return asyncio.run(_client_command(args))
     return args.handler(args)

@@ -1,0 +1,179 @@
+"""``inferd chat`` without a message, in a real terminal (a pty) against a real SmolLM2 server.
+
+The session is driven as a person would: a system prompt, a multi-line question, the
+history, Ctrl-C in the middle of a long answer (the answer stops, the session goes on),
+/reset and /exit. Plus the input parsing (continuation lines, triple-quote blocks).
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from inferd.chat_repl import Conversation, command, read_message
+from tests.helpers import inferd_env, spawned_server
+
+
+class Terminal:
+    """A child process on a pty: it is the session leader, so ``\\x03`` sends it SIGINT."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child
+            os.execve(argv[0], argv, env)
+        self.seen = ""
+
+    def expect(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """Wait for ``pattern`` in the output after what earlier expects consumed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.seen)
+            if m:
+                self.seen = self.seen[m.end():]
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {pattern!r}; output: {self.seen[-2000:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
+            if ready:
+                try:
+                    data = os.read(self.fd, 65536)
+                except OSError:  # the child closed the terminal
+                    data = b""
+                if not data:
+                    raise AssertionError(f"the session ended; output: {self.seen[-2000:]!r}")
+                self.seen += data.decode(errors="replace").replace("\r\n", "\n")
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            with __import__("contextlib").suppress(OSError):
+                os.read(self.fd, 65536)  # keep draining so the child never blocks on a full pty
+            time.sleep(0.05)
+        raise AssertionError("the chat did not exit")
+
+    def close(self) -> None:
+        with __import__("contextlib").suppress(ProcessLookupError, ChildProcessError):
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    pytest.importorskip("llama_cpp")
+    with spawned_server("--backend", "llama-cpp", "--model-options", '{"Threads": 1, "ContextSize": 2048}',
+                        timeout=120) as (_, address):
+        wait_loaded(address)
+        yield address
+
+
+def wait_loaded(address: str, timeout: float = 120.0) -> None:
+    """The server listens before its model is loaded: wait for Status READY."""
+    import asyncio
+
+    from inferd.client import new_client
+    from inferd.proto import backend_pb2 as pb
+
+    async def poll() -> None:
+        client = new_client(address)
+        try:
+            deadline = time.monotonic() + timeout
+            while (await client.status(timeout=5)).state != pb.StatusResponse.State.READY:
+                assert time.monotonic() < deadline, "the model did not load"
+                await asyncio.sleep(0.2)
+        finally:
+            await client.close()
+
+    asyncio.run(poll())
+
+
+def test_interactive_session_in_a_terminal(server: str) -> None:
+    env = {**inferd_env(), "TERM": "dumb"}
+    term = Terminal([sys.executable, "-m", "inferd.cli", "chat", "--addr", server, "--max-tokens", "200"], env)
+    try:
+        term.expect(r"inferd chat with .*\n")
+        term.expect(">>> ")
+        term.send("/system Answer in one short sentence.\n")
+        term.expect("system prompt set")
+        term.send("What is the capital \\\n")  # continued on the next line
+        term.expect(r"\.\.\. ")
+        term.send("of France?\n")
+        answer = term.expect(r"(?s)(.*?)>>> ").group(1)
+        assert "Paris" in answer
+        term.send("/history\n")
+        history = term.expect(r"(?s)(.*?)>>> ").group(1)
+        assert "[system] Answer in one short sentence." in history
+        assert "[user] What is the capital \nof France?" in history
+        assert re.search(r"\[assistant\] .*Paris", history)
+        # Ctrl-C stops a long answer, not the session
+        term.send("Write a very long story about a dragon and a knight, at least 1000 words.\n")
+        term.expect(r"\w+ \w+ \w+ \w+")  # the story is streaming
+        started = time.monotonic()
+        term.send("\x03")
+        term.expect(r"\[stopped\]\n>>> ", timeout=15)
+        assert time.monotonic() - started < 10
+        term.send("/history\n")
+        history = term.expect(r"(?s)(.*?)>>> ").group(1)
+        assert history.count("[user]") == 2 and history.count("[assistant]") == 2  # the partial story stays
+        term.send("/reset\n")
+        term.expect("conversation cleared\n>>> ")
+        term.send('"""\nSay hello\nin French.\n"""\n')  # a triple-quoted block is one message
+        term.expect(r"(?s)(.+?)>>> ")
+        term.send("/history\n")
+        history = term.expect(r"(?s)(.*?)>>> ").group(1)
+        assert "[user] Say hello\nin French." in history and history.count("[user]") == 1
+        term.send("\x03")  # at the prompt: a hint, not an exit
+        term.expect(r"/exit or Ctrl-D leaves")
+        term.send("/exit\n")
+        assert term.wait() == 0
+    finally:
+        term.close()
+
+
+def test_eof_leaves_and_the_server_error_is_shown(server: str) -> None:
+    env = {**inferd_env(), "TERM": "dumb"}
+    term = Terminal([sys.executable, "-m", "inferd.cli", "chat", "--addr", server, "--max-tokens", "-5"], env)
+    try:
+        term.expect(">>> ")
+        term.send("hi\n")
+        term.expect(r"chat failed: INVALID_ARGUMENT: .*Tokens")
+        term.send("/history\n")
+        term.expect(r"\(empty\)")  # the unanswered question is not kept
+        term.send("\x04")  # Ctrl-D
+        assert term.wait() == 0
+    finally:
+        term.close()
+
+
+def test_reading_messages_and_commands() -> None:
+    def feed(*lines: str):  # noqa: ANN202
+        it = iter(lines)
+        return lambda prompt: next(it)
+
+    assert read_message(feed("hello")) == "hello"
+    assert read_message(feed("one \\", "two\\", "three")) == "one \ntwo\nthree"
+    assert read_message(feed('"""', "a", "", "b", '"""')) == "a\n\nb"
+    assert read_message(feed('"""first', 'last"""')) == "first\nlast"
+    assert read_message(feed('"""inline"""')) == '"""inline"""'  # a one-line block is just text
+    conv = Conversation(turns=[("user", "q"), ("assistant", "a")])
+    out = open(os.devnull, "w")
+    assert command("/system be brief", conv, out) and conv.system == "be brief"
+    assert conv.messages()[0] == ("system", "be brief")
+    assert command("/system -", conv, out) and conv.system == ""
+    assert command("/reset", conv, out) and conv.turns == []
+    assert command("/nonsense", conv, out)
+    assert not command("/exit", conv, out) and not command("/quit", conv, out)
