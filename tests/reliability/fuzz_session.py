@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from inferd.proto import backend_pb2 as pb
 from inferd.protocol import Rpc
-from tests.reliability.fuzzing import Report, fuzz_rpcs, ordered_rpcs
+from tests.reliability.fuzz_runner import Report, fuzz_rpcs, ordered_rpcs
 from tests.reliability.servers import ServerProc, load_options, spawn
 
 #: The fuzzed server refuses messages past 4 MiB (the generator goes to about twice that), so

@@ -1,6 +1,6 @@
-"""A protobuf fuzzer driven by the descriptors of ``backend.proto``, and its runner.
+"""A protobuf fuzzer driven by the descriptors of ``backend.proto``: the cases it sends.
 
-Cases are encoded on the wire by hand from each message's descriptor, not with the protobuf
+Cases are encoded on the wire by hand (``tests.reliability.wire``) from each message's descriptor, not with the protobuf
 API, so they can hold what the API refuses to build: invalid UTF-8 in string fields, enums
 outside their range, packed and unpacked repeated scalars, unknown and mistyped fields. Three
 kinds of case per rpc:
@@ -13,91 +13,35 @@ kinds of case per rpc:
 * ``frame``: a malformed frame (truncated, random bytes, bad tags, overlong varints, a length
   past the end, deeply nested groups).
 
-Every case goes through ``channel.unary_unary``/``unary_stream`` with identity serializers, so
-the server sees exactly these bytes. The runner's contract (``Verdict``): each reply is a
-deliberate status (never INTERNAL or UNKNOWN), arrives within the deadline plus a small slack,
-a reply's bytes parse as the rpc's response type, and the server still answers Health after
-each batch.
+plus the *sweep* (``sweep_cases``): every field of the seed request overwritten by each of its
+type's most hostile values once. ``tests.reliability.fuzz_runner`` sends the cases and checks
+the replies.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import struct
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from inferd.proto import backend_pb2 as pb
-from inferd.protocol import LLM_RPCS, RPCS, Rpc
-
-# ---- wire encoding ---------------------------------------------------------------------------
-WT_VARINT, WT_I64, WT_LEN, WT_SGROUP, WT_EGROUP, WT_I32 = 0, 1, 2, 3, 4, 5
-
-
-def varint(n: int) -> bytes:
-    """Base-128 varint; negative numbers as their 64-bit two's complement (10 bytes), as protobuf does."""
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def tag(number: int, wire_type: int) -> bytes:
-    return varint((number << 3) | wire_type)
-
-
-def length_delimited(number: int, payload: bytes) -> bytes:
-    return tag(number, WT_LEN) + varint(len(payload)) + payload
-
-
-def zigzag(n: int) -> int:
-    return (n << 1) ^ (n >> 63)
-
-
-T = FieldDescriptor
-_INT_RANGES = {
-    T.TYPE_INT32: (-(2**31), 2**31 - 1), T.TYPE_SINT32: (-(2**31), 2**31 - 1),
-    T.TYPE_SFIXED32: (-(2**31), 2**31 - 1), T.TYPE_UINT32: (0, 2**32 - 1), T.TYPE_FIXED32: (0, 2**32 - 1),
-    T.TYPE_INT64: (-(2**63), 2**63 - 1), T.TYPE_SINT64: (-(2**63), 2**63 - 1),
-    T.TYPE_SFIXED64: (-(2**63), 2**63 - 1), T.TYPE_UINT64: (0, 2**64 - 1), T.TYPE_FIXED64: (0, 2**64 - 1),
-}
-
-
-def encode_scalar(ftype: int, value: Any) -> tuple[int, bytes]:
-    """(wire type, encoded value) of one scalar of protobuf type ``ftype``."""
-    if ftype in (T.TYPE_INT32, T.TYPE_INT64, T.TYPE_UINT32, T.TYPE_UINT64, T.TYPE_ENUM):
-        return WT_VARINT, varint(int(value))
-    if ftype == T.TYPE_BOOL:
-        return WT_VARINT, varint(int(value))
-    if ftype in (T.TYPE_SINT32, T.TYPE_SINT64):
-        return WT_VARINT, varint(zigzag(int(value)))
-    if ftype == T.TYPE_FLOAT:
-        return WT_I32, struct.pack("<f", value)
-    if ftype == T.TYPE_DOUBLE:
-        return WT_I64, struct.pack("<d", value)
-    if ftype in (T.TYPE_FIXED32, T.TYPE_SFIXED32):
-        return WT_I32, struct.pack("<I", int(value) & 0xFFFFFFFF)
-    if ftype in (T.TYPE_FIXED64, T.TYPE_SFIXED64):
-        return WT_I64, struct.pack("<Q", int(value) & (2**64 - 1))
-    if ftype in (T.TYPE_STRING, T.TYPE_BYTES):
-        data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        return WT_LEN, varint(len(data)) + data
-    raise ValueError(f"not a scalar type: {ftype}")
-
+from inferd.protocol import Rpc
+from tests.reliability.wire import (
+    _INT_RANGES,
+    WT_EGROUP,
+    WT_LEN,
+    WT_SGROUP,
+    WT_VARINT,
+    T,
+    encode_scalar,
+    is_repeated,
+    length_delimited,
+    tag,
+    varint,
+)
 
 # ---- edge values -----------------------------------------------------------------------------
 _FLOAT_EDGES = (0.0, -0.0, 1.0, -1.0, 0.5, 2.0, math.nan, math.inf, -math.inf, 3.4e38, -3.4e38,
@@ -197,7 +141,7 @@ def edge_scalar(rng: random.Random, fd: FieldDescriptor, max_bytes: int) -> Any:
 def encode_field(rng: random.Random, fd: FieldDescriptor, depth: int, max_bytes: int) -> bytes:
     """One field with a fuzzed value (repeated fields: 0..huge elements, packed or not)."""
     if fd.type == T.TYPE_MESSAGE:
-        count = _repeat_count(rng) if _is_repeated(fd) else 1
+        count = _repeat_count(rng) if is_repeated(fd) else 1
         one = [encode_message(rng, fd.message_type, depth + 1, max_bytes) for _ in range(min(count, 8))]
         if one:  # cap the total near 2 * max_bytes: past the server's limit, not past this machine's memory
             count = min(count, max(1, 2 * max_bytes // max(1, max(len(m) for m in one))))
@@ -205,7 +149,7 @@ def encode_field(rng: random.Random, fd: FieldDescriptor, depth: int, max_bytes:
         return b"".join(length_delimited(fd.number, m) for m in items)
     if fd.type == T.TYPE_GROUP:  # not in proto3; kept for completeness
         return b""
-    if not _is_repeated(fd):
+    if not is_repeated(fd):
         wt, data = encode_scalar(fd.type, edge_scalar(rng, fd, max_bytes))
         return tag(fd.number, wt) + data
     count = _repeat_count(rng)
@@ -221,11 +165,6 @@ def encode_field(rng: random.Random, fd: FieldDescriptor, depth: int, max_bytes:
         payload = b"".join(data for _, data in encoded)
         return length_delimited(fd.number, payload)
     return b"".join(tag(fd.number, wt) + data for wt, data in encoded)
-
-
-def _is_repeated(fd: FieldDescriptor) -> bool:
-    return bool(getattr(fd, "is_repeated", None) if hasattr(fd, "is_repeated")
-                else fd.label == FieldDescriptor.LABEL_REPEATED)  # protobuf < 5
 
 
 def _repeat_count(rng: random.Random) -> int:
@@ -272,14 +211,6 @@ def _invalid_utf8_in_a_string_field(rng: random.Random) -> bytes:
     # Field 1 of most request messages; any string field would do: a fixed number keeps
     # this usable for every rpc (it is unknown, or a string, or a mistyped field).
     return length_delimited(rng.choice((1, 2, 3)), b"\xff\xfe\xc3\x28")
-
-
-def invalid_utf8_for(desc: Descriptor) -> bytes | None:
-    """An invalid UTF-8 value in the first string field of ``desc`` (None if it has none)."""
-    for fd in desc.fields:
-        if fd.type == T.TYPE_STRING and not _is_repeated(fd):
-            return length_delimited(fd.number, b"\xff\xfe\xc3\x28")
-    return None
 
 
 # ---- seeds: a valid request per message type (what the mutants start from) -------------------
@@ -329,11 +260,11 @@ def _sweep_values(fd: FieldDescriptor, max_bytes: int, quick: bool = False) -> l
     """
     t = fd.type
     if fd.type == T.TYPE_MESSAGE:
-        if _is_repeated(fd):
+        if is_repeated(fd):
             one = length_delimited(fd.number, b"")
             return [one * min(100_000, 2 * max_bytes // max(1, len(one)))]
         return [length_delimited(fd.number, tag(9999, WT_VARINT) + varint(1))]  # unknown field inside
-    if _is_repeated(fd):
+    if is_repeated(fd):
         if t in (T.TYPE_STRING, T.TYPE_BYTES):
             return [(tag(fd.number, WT_LEN) + varint(1) + b"a") * 100_000]
         floating = t in (T.TYPE_FLOAT, T.TYPE_DOUBLE)
@@ -423,171 +354,3 @@ def generate(rng: random.Random, rpc: Rpc, load: pb.ModelOptions | None = None,
         return Case("random", encode_message(rng, desc, 0, max_bytes))
     what, data = malformed_frame(rng, seed)
     return Case(f"frame:{what}", data)
-
-
-# ---- running -----------------------------------------------------------------------------------
-#: Statuses a server may deliberately answer to hostile input.
-DELIBERATE = frozenset({
-    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED,
-})
-#: UNAVAILABLE is deliberate when the server says why (the lifecycle gate: "model is being
-#: loaded"); these details mean the transport failed instead (a dead or reset server).
-TRANSPORT_MARKERS = ("Socket closed", "Connection reset", "failed to connect", "Connection refused",
-                     "recvmsg", "Broken pipe", "GOAWAY", "Stream removed", "connection attempt timed out")
-#: Loading a model legitimately takes seconds: the lifecycle rpcs get this deadline instead.
-LIFECYCLE_DEADLINE = 60.0
-
-
-def deliberate(code: grpc.StatusCode, details: str) -> bool:
-    """Whether a status is one a server chose (not INTERNAL/UNKNOWN, not a broken transport)."""
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return bool(details) and not any(m in details for m in TRANSPORT_MARKERS)
-    return code in DELIBERATE
-
-
-@dataclass
-class Finding:
-    rpc: str
-    kind: str
-    code: str
-    details: str
-    elapsed: float
-    size: int
-
-    def __str__(self) -> str:
-        return (f"{self.rpc} [{self.kind}, {self.size} B] -> {self.code} after {self.elapsed:.2f}s: "
-                f"{self.details[:300]}")
-
-
-@dataclass
-class Report:
-    """Counts by status per rpc, and every violation of the contract."""
-
-    counts: dict[str, Counter] = field(default_factory=dict)
-    findings: list[Finding] = field(default_factory=list)
-    dead: str | None = None  # set when the server stopped answering
-    notes: list[str] = field(default_factory=list)
-
-    def table(self) -> str:
-        codes = sorted({c for counter in self.counts.values() for c in counter})
-        header = "| rpc | cases | " + " | ".join(codes) + " |"
-        lines = [header, "|" + " --- |" * (len(codes) + 2)]
-        for rpc, counter in self.counts.items():
-            cells = " | ".join(str(counter.get(c, 0)) for c in codes)
-            lines.append(f"| {rpc} | {sum(counter.values())} | {cells} |")
-        return "\n".join(lines)
-
-
-def _identity(data: bytes) -> bytes:
-    return data
-
-
-def call_raw(channel: grpc.Channel, rpc: Rpc, data: bytes, timeout: float,
-             metadata: tuple = ()) -> tuple[grpc.StatusCode, str, list[bytes]]:
-    """Send ``data`` as the request of ``rpc``; return (code, details, reply frames)."""
-    replies: list[bytes] = []
-    try:
-        if rpc.streaming:
-            call = channel.unary_stream(rpc.path, request_serializer=_identity, response_deserializer=_identity)
-            for reply in call(data, timeout=timeout, metadata=metadata):
-                replies.append(reply)
-        else:
-            call = channel.unary_unary(rpc.path, request_serializer=_identity, response_deserializer=_identity)
-            replies.append(call(data, timeout=timeout, metadata=metadata))
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details() or "", replies
-    return grpc.StatusCode.OK, "", replies
-
-
-def run_case(channel: grpc.Channel, rpc: Rpc, case: Case, deadline: float, slack: float,
-             metadata: tuple = ()) -> tuple[str, Finding | None]:
-    if rpc.name in ("LoadModel", "Free"):
-        deadline = max(deadline, LIFECYCLE_DEADLINE)
-    start = time.monotonic()
-    code, details, replies = call_raw(channel, rpc, case.data, deadline, metadata)
-    elapsed = time.monotonic() - start
-    problem = None
-    if not deliberate(code, details):
-        problem = details or "(no details)"
-    elif elapsed > deadline + slack:
-        problem = f"reply after {elapsed:.2f}s, deadline {deadline}s; {details}"
-    else:
-        for frame in replies:
-            try:
-                rpc.response.FromString(frame)
-            except Exception as exc:  # noqa: BLE001 - any parse failure is a finding
-                problem = f"reply does not parse as {rpc.response.DESCRIPTOR.name}: {exc}"
-                break
-    finding = Finding(rpc.path, case.kind, code.name, problem, elapsed, len(case.data)) if problem else None
-    return code.name, finding
-
-
-def fuzz_rpcs(channel: grpc.Channel, rpcs: Iterable[Rpc], cases: int, seed: int, *,
-              load: pb.ModelOptions | None = None, deadline: float = 2.0, slack: float = 1.5,
-              concurrency: int = 4, batch: int = 200, max_bytes: int = 1 << 20,
-              alive: Callable[[], bool] | None = None, after_rpc: Callable[[Rpc], None] | None = None,
-              report: Report | None = None, progress: Callable[[str], None] | None = None,
-              sweep: str = "off", metadata: tuple = ()) -> Report:
-    """Fuzz each rpc with ``cases`` cases; check ``alive()`` after every batch of ``batch`` cases.
-
-    Each rpc gets its own ``random.Random(seed, rpc)`` stream, so a finding reproduces from
-    the seed and the rpc name alone. Stops at the first batch after which the server is dead.
-    ``sweep`` adds ``sweep_cases`` first: "full" for every rpc, "quick" once per request type, by
-    the first rpc the backend implements with it (a seed request that does not answer
-    UNIMPLEMENTED), "off" for none.
-    """
-    report = report or Report()
-    swept: set[str] = set()  # quick sweep: each request type once, by the first rpc that takes it
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for rpc in rpcs:
-            rng = random.Random(f"{seed}:{rpc.path}")
-            counter = report.counts.setdefault(rpc.path, Counter())
-            kind = "LoadModel" if rpc.name == "LoadModel" else rpc.request.DESCRIPTOR.full_name
-            quick_done = sweep == "quick" and kind in swept
-            pending = [] if quick_done else _sweep_for(channel, rpc, load, sweep, max_bytes, metadata)
-            if pending:
-                swept.add(kind)
-            total = cases + len(pending)
-            done = 0
-            while done < total:
-                n = min(batch, total - done)
-                batch_cases = pending[:n] + [generate(rng, rpc, load, max_bytes) for _ in range(n - len(pending[:n]))]
-                pending = pending[n:]
-                for code, finding in pool.map(lambda c, r=rpc: run_case(channel, r, c, deadline, slack, metadata), batch_cases):
-                    counter[code] += 1
-                    if finding is not None:
-                        report.findings.append(finding)
-                done += n
-                if alive is not None and not alive():
-                    report.dead = f"server stopped answering Health after {done} cases of {rpc.path}"
-                    return report
-            if after_rpc is not None:
-                after_rpc(rpc)
-            if progress is not None:
-                progress(f"{rpc.path}: {dict(counter)}")
-    return report
-
-
-def _sweep_for(channel: grpc.Channel, rpc: Rpc, load: pb.ModelOptions | None, sweep: str,
-               max_bytes: int, metadata: tuple = ()) -> list[Case]:
-    if sweep == "full":
-        return sweep_cases(rpc, load, quick=False, max_bytes=max_bytes)
-    if sweep != "quick" or rpc.name == "Free":
-        return []
-    if rpc.name == "LoadModel":
-        return sweep_cases(rpc, load, quick=True, max_bytes=max_bytes)
-    code, _, _ = call_raw(channel, rpc, seed_bytes(rpc, load), 30.0, metadata)
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return []
-    return sweep_cases(rpc, load, quick=True, max_bytes=max_bytes)
-
-
-def ordered_rpcs(include_llm: bool = True) -> list[Rpc]:
-    """Every rpc; LoadModel and Free last (they unload the model the others need)."""
-    lifecycle = ("LoadModel", "Free")
-    out = [r for name, r in RPCS.items() if name not in lifecycle]
-    if include_llm:
-        out += list(LLM_RPCS.values())
-    return out + [RPCS[name] for name in lifecycle]

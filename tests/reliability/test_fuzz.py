@@ -1,6 +1,6 @@
 """Short seeded fuzz of every rpc of every registered backend (``make fuzz`` runs 10k per rpc).
 
-The contract (tests/reliability/fuzzing.py): every reply is a deliberate status (never
+The contract (tests/reliability/fuzz_runner.py): every reply is a deliberate status (never
 INTERNAL or UNKNOWN), none arrives past its deadline, every reply parses, and the server
 answers Health after each batch. ``INFERD_FUZZ_CASES`` / ``INFERD_FUZZ_SEED`` change the size
 and the seed; a finding prints the rpc, the kind of case and the status, and reproduces from

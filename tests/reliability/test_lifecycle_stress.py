@@ -24,7 +24,7 @@ import pytest
 from google.protobuf.message import Message
 
 from inferd.proto import backend_pb2 as pb
-from tests.reliability.fuzzing import deliberate
+from tests.reliability.fuzz_runner import deliberate
 from tests.reliability.servers import BackendUnavailable, ServerProc, serving
 
 SECONDS = float(os.environ.get("INFERD_STRESS_SECONDS", "60"))
