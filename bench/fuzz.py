@@ -5,7 +5,7 @@ type's most hostile values once (NaN/inf, integer extremes, wrong enums, hostile
 JSON-carrying strings, 100k-element repeated fields). Prints, per backend, a table of reply status codes per rpc, then every finding (a reply
 that was INTERNAL/UNKNOWN or another non-deliberate status, a reply past its deadline, a
 reply that does not parse, or a server that stopped answering Health). Exit status 1 when
-there is any finding. The generator and the checks are tests/reliability/fuzzing.py.
+there is any finding. The cases are tests/reliability/fuzzing.py, the checks fuzz_runner.py.
 
     python bench/fuzz.py [--cases 10000] [--seed N] [--backend NAME ...] [--deadline 2]
 """
