@@ -138,12 +138,16 @@ async def test_reflection_can_be_disabled(echo_backend):
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-async def test_llm_service_generate_streams_from_the_backend(echo_backend):
+async def test_llm_service_generate_on_a_backend_without_text_engine_is_unimplemented(echo_backend):
+    """LLMService is a front over a text engine (tests/test_llama_backend.py streams from llama);
+    a backend that declares none answers UNIMPLEMENTED naming it, never INTERNAL."""
     from inferd.proto import llm_pb2, llm_pb2_grpc
 
     async with running_server(echo_backend) as s:
         await s.load(pb.ModelOptions(Model="test-model"))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") as ch:
             stub = llm_pb2_grpc.LLMServiceStub(ch)
-            tokens = [r.token async for r in stub.Generate(llm_pb2.GenerateRequest(prompt="one two"))]
-            assert tokens == ["one ", "two "]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [r.token async for r in stub.Generate(llm_pb2.GenerateRequest(prompt="one two"))]
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "no text-generation engine" in err.value.details()

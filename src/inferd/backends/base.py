@@ -46,6 +46,9 @@ class Backend:
     name: ClassVar[str] = "base"
     #: False: calls are serialized with a lock (not thread-safe engines).
     parallel: ClassVar[bool] = False
+    #: True for backends whose engine offers the async text API (``generate``) that fronts
+    #: such as LLMService and seed 002's service call directly; see ``text_engine``.
+    has_text_engine: ClassVar[bool] = False
     #: rpcs this backend cannot serve for a stated reason (e.g. no model for them ships): the
     #: runtime answers UNIMPLEMENTED with the reason, before any model check, and they are
     #: not listed as capabilities.
@@ -93,6 +96,14 @@ class Backend:
     @property
     def loaded(self) -> bool:
         return self._loaded
+
+    def text_engine(self) -> Any:
+        """The loaded text engine for fronts that call it directly, or None when no model is loaded.
+
+        Only meaningful when ``has_text_engine`` is True; a declared capability rather than an
+        attribute probe, so an audio or rerank backend's own ``engine`` is never mistaken for one.
+        """
+        return None
 
     # ---- busy accounting (used by Status, the watchdog and the supervisor) --------
     def busy(self) -> bool:

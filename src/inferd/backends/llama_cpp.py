@@ -42,6 +42,7 @@ class LlamaCppBackend(ModelOpsMixin, Backend):
 
     name = "llama-cpp"
     parallel = True  # the engine serializes access to the model; calls only enqueue
+    has_text_engine = True
 
     def __init__(self, settings: Any = None) -> None:
         super().__init__()
@@ -66,6 +67,9 @@ class LlamaCppBackend(ModelOpsMixin, Backend):
             f"slots {model.n_seq_max}, threads {model.threads}, kv_unified {plan.config.kv_unified}, "
             f"prefix cache {sched.cache.max_tokens} tokens, chat template from {engine.template.source}"
         )
+
+    def text_engine(self) -> AsyncLlamaEngine | None:
+        return self.engine
 
     def unload(self) -> None:
         engine, self.engine = self.engine, None

@@ -138,9 +138,9 @@ class LLMServicer:
 
     def _engine(self) -> Any:
         backend = self.runtime.backend
-        if not hasattr(backend, "engine"):
+        if not backend.has_text_engine:
             raise Unsupported(backend.name, "LLMService.Generate", "it has no text-generation engine")
-        engine = backend.engine
+        engine = backend.text_engine()
         if engine is None:
             raise NoModelLoaded(backend.name, "Generate")
         return engine
