@@ -4,7 +4,8 @@ Starting llama-cpp and sentence-embeddings costs seconds each, so one set of pro
 every module that leaves them as it found them (READY, model loaded): ``trio``. ``fleet`` is
 every registered backend behind an API key, started at once, shared by the fuzzer (which
 reloads the model after fuzzing LoadModel/Free) and the credential matrix (whose refused calls
-never reach a backend). The lifecycle stress and the faults start their own.
+never reach a backend). The lifecycle stress and the faults start their own. Both are
+package-scoped: the processes end with tests/reliability, not with the whole test session.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.reliability.servers import BackendUnavailable, ServerProc, registered
 FLEET_KEY = "reliability-key"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def trio() -> Iterator[dict[str, ServerProc]]:
     """llama-cpp (packaged SmolLM2, Threads 1, 4 slots), sentence-embeddings and local-store, loaded."""
     with contextlib.ExitStack() as stack:
@@ -33,7 +34,7 @@ def trio() -> Iterator[dict[str, ServerProc]]:
         yield servers
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fleet() -> Iterator[dict[str, ServerProc | Exception]]:
     """Every registered backend (fuzzing flags and limits, API key ``FLEET_KEY``), loaded."""
     args, limits = fuzz_args()
