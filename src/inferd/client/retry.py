@@ -56,6 +56,8 @@ class RetryPolicy:
     codes: frozenset[grpc.StatusCode] = field(default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE}))
     lost_replica: bool = True
     replay_streams: bool = False
+    #: Called as on_retry(rpc, error, attempt) before each new attempt (logs, metrics, tests).
+    on_retry: Callable[[str, RpcError, int], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_attempts <= 100:
@@ -71,6 +73,10 @@ class RetryPolicy:
             return True
         return (self.lost_replica and exc.code == grpc.StatusCode.INTERNAL
                 and any(m in exc.details for m in RAY_LOST_REPLICA_MARKERS))
+
+    def notify(self, rpc: str, exc: RpcError, attempt: int) -> None:
+        if self.on_retry is not None:
+            self.on_retry(rpc, exc, attempt)
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (full jitter)."""
@@ -107,6 +113,7 @@ async def unary_with_retry(policy: RetryPolicy, rpc: str, timeout: float | None,
         except RpcError as exc:
             if n >= policy.max_attempts or not policy.retryable(rpc, exc) or not await budget.sleep(policy.backoff(n)):
                 raise
+            policy.notify(rpc, exc, n)
         n += 1
 
 
@@ -132,6 +139,7 @@ async def stream_with_retry(policy: RetryPolicy, rpc: str, timeout: float | None
             if (committed or n >= policy.max_attempts or not policy.retryable(rpc, exc)
                     or not await budget.sleep(policy.backoff(n))):
                 raise
+            policy.notify(rpc, exc, n)
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         n += 1

@@ -49,6 +49,7 @@ class Cluster:
     grpc_address: str
     http_address: str
     applications: tuple[str, ...]
+    ray_address: str  # the GCS address: `inferd ray shutdown --address` / `ray start --address`
 
 
 def connect(address: str | None = None, num_cpus: float | None = None, temp_dir: str | None = None) -> None:
@@ -56,12 +57,27 @@ def connect(address: str | None = None, num_cpus: float | None = None, temp_dir:
     ray, _ = import_ray()
     if ray.is_initialized():
         return
+    _token_auth_for(address)
     kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                           "log_to_driver": False}
     if address:
         ray.init(address=address, **kw)
     else:
         ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, **kw)
+
+
+def _token_auth_for(address: str | None) -> None:
+    """Use the local Ray token (``~/.ray/auth_token``) for an explicit address too.
+
+    Ray >= 2.5x starts local clusters with token auth and finds the token on its own only for
+    ``address="auto"``; joining by GCS address (``inferd ray shutdown --address HOST:PORT``)
+    would be refused. An explicit ``RAY_AUTH_MODE`` is left alone.
+    """
+    if not address or address == "auto" or "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def deploy(config: SupervisorConfig, *, address: str | None = None, grpc_port: int = DEFAULT_GRPC_PORT,
@@ -90,7 +106,8 @@ def deploy(config: SupervisorConfig, *, address: str | None = None, grpc_port: i
         log.info("deployed %s (%s)", spec.name, scale)
     node_ip = ray.util.get_node_ip_address()
     return Cluster(grpc_address=f"{node_ip}:{grpc_port}", http_address=f"{http_host}:{http_port}",
-                   applications=tuple(spec.name for spec, _ in specs))
+                   applications=tuple(spec.name for spec, _ in specs),
+                   ray_address=ray.get_runtime_context().gcs_address)
 
 
 def shutdown(address: str | None = "auto") -> None:
@@ -99,6 +116,7 @@ def shutdown(address: str | None = "auto") -> None:
     A single-node Ray started by ``deploy`` ends with the ``inferd ray deploy`` process;
     a cluster started with ``ray start`` stays up (``ray stop`` stops it).
     """
+    _token_auth_for(address)  # before Ray is imported: it reads RAY_AUTH_MODE once
     ray, serve = import_ray()
     connect(address)
     try:

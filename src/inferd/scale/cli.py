@@ -74,15 +74,24 @@ def _deploy(args: argparse.Namespace) -> int:
         _teardown(ray, serve)
         return 1
     print(f"inferd: ray grpc on {cluster.grpc_address}", flush=True)
+    print(f"inferd: ray cluster at {cluster.ray_address}", flush=True)
     print(f"inferd: applications {', '.join(cluster.applications)} (gRPC metadata 'application' picks one)",
           flush=True)
     try:
         while not stop.wait(POLL_S):
-            if not serve.status().applications:  # `inferd ray shutdown` deleted them
+            if not _still_deployed(serve):  # `inferd ray shutdown` deleted them
                 break
     finally:
         _teardown(ray, serve)
     return 0
+
+
+def _still_deployed(serve: Any) -> bool:
+    """False once the applications are gone (``inferd ray shutdown`` also stops the controller)."""
+    try:
+        return bool(serve.status().applications)
+    except Exception:  # noqa: BLE001 - no Serve controller any more: shut down from elsewhere
+        return False
 
 
 def _teardown(ray: Any, serve: Any) -> None:
