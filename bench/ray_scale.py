@@ -3,8 +3,11 @@
 One run, same model (SmolLM2, the packaged default), threads per engine and greedy settings:
 
 * direct: a real ``inferd serve`` subprocess (the baseline, no Ray);
-* ray-1 / ray-2: ``inferd.scale.deploy`` on a single-node Ray, 1 then 2 replicas (the same
-  application updated in place), reached through Ray Serve's gRPC proxy.
+* ray-1 / ray-2: ``inferd.scale.deploy`` on a single-node Ray, two applications of the same model
+  (1 replica and 2 replicas), reached through Ray Serve's gRPC proxy (``application`` metadata).
+
+All three run at once and are measured in alternation, round after round, so they share the
+machine's load (the figures are medians over the rounds).
 
 Printed: Health p50/p99 (ms) direct vs through the proxy; PredictStream tokens/s at 1 stream
 direct vs proxy; aggregate tokens/s at ``--streams`` concurrent streams for direct, ray-1 and
@@ -33,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from inferd.client import new_client  # noqa: E402
+from inferd.client import ChannelOptions, new_client  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
 from inferd.supervisor.config import config_from_dict  # noqa: E402
 
@@ -54,10 +57,15 @@ def _request(tokens: int) -> pb.PredictOptions:
                              Tokens=tokens, IgnoreEOS=True, Temperature=0.0, TopK=1)
 
 
-async def health_latency(address: str, calls: int) -> tuple[float, float]:
-    client = new_client(address, parallel=True)
+def _client(target: tuple[str, str]):
+    address, app = target
+    return new_client(address, parallel=True, options=ChannelOptions(metadata=(("application", app),) if app else ()))
+
+
+async def health_samples(target: tuple[str, str], calls: int) -> list[float]:
+    client = _client(target)
     try:
-        for _ in range(20):
+        for _ in range(10):
             await client.call("Health")
         samples = []
         for _ in range(calls):
@@ -66,13 +74,17 @@ async def health_latency(address: str, calls: int) -> tuple[float, float]:
             samples.append((time.perf_counter() - t) * 1000)
     finally:
         await client.close()
-    samples.sort()
+    return samples
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    samples = sorted(samples)
     return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
-async def stream_tokens_per_s(address: str, streams: int, tokens: int) -> float:
+async def stream_tokens_per_s(target: tuple[str, str], streams: int, tokens: int) -> float:
     """Aggregate generated tokens/s of ``streams`` concurrent PredictStreams."""
-    client = new_client(address, parallel=True)
+    client = _client(target)
     try:
         async for _ in client.call_stream("PredictStream", _request(4)):  # warm-up
             pass
@@ -103,8 +115,8 @@ def start_direct(threads: int) -> tuple[subprocess.Popen, str]:
     return proc, f"127.0.0.1:{port}"
 
 
-async def wait_ready(address: str) -> None:
-    client = new_client(address, parallel=True)
+async def wait_ready(target: tuple[str, str]) -> None:
+    client = _client(target)
     try:
         for _ in range(600):
             try:
@@ -115,13 +127,13 @@ async def wait_ready(address: str) -> None:
             await asyncio.sleep(0.1)
     finally:
         await client.close()
-    raise SystemExit(f"{address} never became READY")
+    raise SystemExit(f"{target} never became READY")
 
 
-def ray_config(replicas: int, threads: int):
-    return config_from_dict({"models": [{"name": "bench", "backend": "llama-cpp",
-                                         "options": {"Threads": threads},
-                                         "ray": {"num_replicas": replicas, "num_cpus": 1}}]})
+def ray_config(threads: int):
+    return config_from_dict({"models": [
+        {"name": f"r{n}", "backend": "llama-cpp", "options": {"Threads": threads},
+         "ray": {"num_replicas": n, "num_cpus": 1}} for n in (1, 2)]})
 
 
 def main() -> None:
@@ -134,41 +146,37 @@ def main() -> None:
     args = ap.parse_args()
     print(f"cores: {os.cpu_count()}  load average at start: {os.getloadavg()[0]:.1f}  threads/engine: {args.threads}")
 
-    rows: dict[str, dict[str, float]] = {}
-
-    def tps(address: str, streams: int) -> float:
-        return statistics.median(asyncio.run(stream_tokens_per_s(address, streams, args.tokens))
-                                 for _ in range(args.repeat))
-
-    proc, direct = start_direct(args.threads)
-    try:
-        asyncio.run(wait_ready(direct))
-        p50, p99 = asyncio.run(health_latency(direct, args.health_calls))
-        rows["direct"] = {"p50": p50, "p99": p99,
-                          "tps1": tps(direct, 1), "tpsN": tps(direct, args.streams)}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
     from inferd.scale.app import deploy, import_ray
 
     ray, serve = import_ray()
-    port, http_port = _free_port(), _free_port()
+    proc, direct_address = start_direct(args.threads)
     session = tempfile.mkdtemp(prefix="irb", dir="/tmp")
+    port = _free_port()
+    targets = {"direct": (direct_address, ""), "ray-1": (f"127.0.0.1:{port}", "r1"),
+               "ray-2": (f"127.0.0.1:{port}", "r2")}
+    health: dict[str, list[float]] = {"direct": [], "ray-1": []}
+    tps1: dict[str, list[float]] = {"direct": [], "ray-1": []}
+    tpsn: dict[str, list[float]] = {name: [] for name in targets}
     try:
-        for replicas in (1, 2):
-            deploy(ray_config(replicas, args.threads), grpc_port=port, http_port=http_port, num_cpus=4,
-                   temp_dir=session)
-            address = f"127.0.0.1:{port}"
-            asyncio.run(wait_ready(address))
-            row = {"tpsN": tps(address, args.streams)}
-            if replicas == 1:
-                row["p50"], row["p99"] = asyncio.run(health_latency(address, args.health_calls))
-                row["tps1"] = tps(address, 1)
-            rows[f"ray-{replicas}"] = row
+        deploy(ray_config(args.threads), grpc_port=port, http_port=_free_port(), num_cpus=4, temp_dir=session)
+        for target in targets.values():
+            asyncio.run(wait_ready(target))
+        for _ in range(args.repeat):  # alternate, so every row sees the same load
+            for name in health:
+                health[name] += asyncio.run(health_samples(targets[name], args.health_calls // args.repeat))
+            for name in tps1:
+                tps1[name].append(asyncio.run(stream_tokens_per_s(targets[name], 1, args.tokens)))
+            for name in tpsn:
+                tpsn[name].append(asyncio.run(stream_tokens_per_s(targets[name], args.streams, args.tokens)))
     finally:
+        proc.terminate()
+        proc.wait(timeout=30)
         serve.shutdown()
         ray.shutdown()
+    rows: dict[str, dict[str, float]] = {name: {"tpsN": statistics.median(v)} for name, v in tpsn.items()}
+    for name in health:
+        rows[name]["p50"], rows[name]["p99"] = percentiles(health[name])
+        rows[name]["tps1"] = statistics.median(tps1[name])
 
     d, r1, r2 = rows["direct"], rows["ray-1"], rows["ray-2"]
     print(f"\nHealth latency ms      p50      p99   ({args.health_calls} sequential calls)")

@@ -1,7 +1,8 @@
 """Scale-out proof: SmolLM2 on llama-cpp (Threads 1) as 2 Ray Serve replicas behind Ray's gRPC proxy.
 
 One single-node Ray (``inferd ray deploy`` as a subprocess, its own session directory) serves
-the module; it is torn down even when a test fails: SIGINT to the deploy process (which runs
+the module, with two applications (SmolLM2 x2, and silero-vad autoscaled, so every call picks
+its model with the ``application`` metadata); it is torn down even when a test fails: SIGINT to the deploy process (which runs
 serve.shutdown() and ray.shutdown()), then every process of that Ray session is killed.
 
 The proof: clients stream requests through the proxy, one replica's process is SIGKILLed
@@ -28,12 +29,13 @@ pytest.importorskip("ray")
 pytest.importorskip("llama_cpp")
 psutil = pytest.importorskip("psutil")
 
-from inferd.client import RetryPolicy, RpcError, new_client  # noqa: E402
+from inferd.client import ChannelOptions, RetryPolicy, RpcError, new_client  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
 from inferd.proto import llm_pb2, llm_pb2_grpc  # noqa: E402
 from tests.helpers import free_port, inferd_env  # noqa: E402
 
 APP = "smol"
+VAD = "vad"  # a second model (another backend, autoscaled): calls pick the application by metadata
 TOKENS = 40
 MODELS_YAML = f"""
 models:
@@ -44,7 +46,14 @@ models:
       num_replicas: 2
       num_cpus: 1
       health_check_period_s: 1
+  - name: {VAD}
+    backend: silero-vad
+    ray:
+      autoscaling: {{min_replicas: 1, max_replicas: 2, target_ongoing_requests: 4}}
+      num_cpus: 0.5
+      memory: 256MiB
 """
+ON_APP = ChannelOptions(metadata=(("application", APP),))
 
 
 class Cluster:
@@ -54,13 +63,13 @@ class Cluster:
         self.ray_address = ray_address
         self.session = session
 
-    def replica_pids(self) -> set[int]:
-        """Processes of this session's replicas of APP (children of its raylet)."""
+    def replica_pids(self, app: str = APP) -> set[int]:
+        """Processes of this session's replicas of ``app`` (children of its raylet)."""
         pids = set()
         for raylet in _session_processes(self.session):
             for child in _children(raylet):
                 try:
-                    if f"ServeReplica:{APP}" in " ".join(child.cmdline()):
+                    if f"ServeReplica:{app}:" in " ".join(child.cmdline()):
                         pids.add(child.pid)
                 except psutil.Error:
                     continue
@@ -151,7 +160,7 @@ async def test_replica_killed_mid_run_loses_no_request(cluster: Cluster) -> None
     retries: list[tuple[str, grpc.StatusCode]] = []
     policy = RetryPolicy(max_attempts=6, initial_backoff=0.2, replay_streams=True,
                          on_retry=lambda rpc, exc, n: retries.append((rpc, exc.code)))
-    client = new_client(cluster.address, parallel=True, retry=policy)
+    client = new_client(cluster.address, parallel=True, retry=policy, options=ON_APP)
     before = cluster.replica_pids()
     assert len(before) == 2, before
     progress: dict[int, int] = {}
@@ -197,7 +206,7 @@ async def test_replica_killed_mid_run_loses_no_request(cluster: Cluster) -> None
 
 
 async def test_statuses_and_llm_service_through_the_proxy(cluster: Cluster) -> None:
-    client = new_client(cluster.address, parallel=True)
+    client = new_client(cluster.address, parallel=True, options=ON_APP)
     try:
         assert (await client.call("Health")).message == b"OK"
         assert (await client.call("Status")).state == pb.StatusResponse.READY
@@ -219,6 +228,23 @@ async def test_statuses_and_llm_service_through_the_proxy(cluster: Cluster) -> N
         assert tokens.length > 0
     finally:
         await client.close()
+    # The other application: its own backend, picked by the metadata; an unknown one is NOT_FOUND.
+    vad = new_client(cluster.address, parallel=True, options=ChannelOptions(metadata=(("application", VAD),)))
+    nowhere = new_client(cluster.address, parallel=True, options=ChannelOptions(metadata=(("application", "x"),)))
+    try:
+        assert (await vad.call("Status")).state == pb.StatusResponse.READY
+        segments = await vad.call("VAD", pb.VADRequest(audio=[0.0] * 16000))
+        assert list(segments.segments) == []  # one second of silence
+        with pytest.raises(RpcError) as other_backend:
+            await vad.call("Predict", Prompt="x")
+        assert other_backend.value.code == grpc.StatusCode.UNIMPLEMENTED and "silero-vad" in other_backend.value.details
+        with pytest.raises(RpcError) as unknown:
+            await nowhere.call("Health")
+        assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+        assert len(cluster.replica_pids(VAD)) == 1  # autoscaling's min_replicas, nothing in flight
+    finally:
+        await vad.close()
+        await nowhere.close()
     # entity.grpc.LLMService through the same proxy, with Ray's application metadata. Generate has
     # no token limit: take 5 pieces and cancel (the replica stops generating).
     async with grpc.aio.insecure_channel(cluster.address) as channel:
