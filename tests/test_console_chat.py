@@ -8,9 +8,7 @@ history, Ctrl-C in the middle of a long answer (the answer stops, the session go
 from __future__ import annotations
 
 import os
-import pty
 import re
-import select
 import sys
 import time
 from collections.abc import Iterator
@@ -19,57 +17,7 @@ import pytest
 
 from inferd.chat_repl import Conversation, command, read_message
 from tests.helpers import inferd_env, spawned_server
-
-
-class Terminal:
-    """A child process on a pty: it is the session leader, so ``\\x03`` sends it SIGINT."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child
-            os.execve(argv[0], argv, env)
-        self.seen = ""
-
-    def expect(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
-        """Wait for ``pattern`` in the output after what earlier expects consumed."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = re.search(pattern, self.seen)
-            if m:
-                self.seen = self.seen[m.end():]
-                return m
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out waiting for {pattern!r}; output: {self.seen[-2000:]!r}")
-            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
-            if ready:
-                try:
-                    data = os.read(self.fd, 65536)
-                except OSError:  # the child closed the terminal
-                    data = b""
-                if not data:
-                    raise AssertionError(f"the session ended; output: {self.seen[-2000:]!r}")
-                self.seen += data.decode(errors="replace").replace("\r\n", "\n")
-
-    def send(self, text: str) -> None:
-        os.write(self.fd, text.encode())
-
-    def wait(self, timeout: float = 20.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                return os.waitstatus_to_exitcode(status)
-            with __import__("contextlib").suppress(OSError):
-                os.read(self.fd, 65536)  # keep draining so the child never blocks on a full pty
-            time.sleep(0.05)
-        raise AssertionError("the chat did not exit")
-
-    def close(self) -> None:
-        with __import__("contextlib").suppress(ProcessLookupError, ChildProcessError):
-            os.kill(self.pid, 9)
-            os.waitpid(self.pid, 0)
-        os.close(self.fd)
+from tests.terminal import Terminal
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +69,7 @@ def test_interactive_session_in_a_terminal(server: str) -> None:
         assert re.search(r"\[assistant\] .*Paris", history)
         # Ctrl-C stops a long answer, not the session
         term.send("Write a very long story about a dragon and a knight, at least 1000 words.\n")
+        term.expect(r"1000 words\.\n")  # the echo of the typed line
         term.expect(r"\w+ \w+ \w+ \w+")  # the story is streaming
         started = time.monotonic()
         term.send("\x03")
@@ -136,6 +85,11 @@ def test_interactive_session_in_a_terminal(server: str) -> None:
         term.send("/history\n")
         history = term.expect(r"(?s)(.*?)>>> ").group(1)
         assert "[user] Say hello\nin French." in history and history.count("[user]") == 1
+        term.send("Count from one to one hundred in words.\n")
+        term.expect(r"in words\.\n")
+        term.send("\x03")  # Ctrl-C as soon as the answer starts: still a clean stop
+        stopped = term.expect(r"(?s)(.*?)\[stopped\]\n>>> ", timeout=15).group(1)
+        assert "Traceback" not in stopped and "Exception" not in stopped
         term.send("\x03")  # at the prompt: a hint, not an exit
         term.expect(r"/exit or Ctrl-D leaves")
         term.send("/exit\n")
@@ -152,8 +106,8 @@ def test_eof_leaves_and_the_server_error_is_shown(server: str) -> None:
         term.send("hi\n")
         term.expect(r"chat failed: INVALID_ARGUMENT: .*Tokens")
         term.send("/history\n")
-        term.expect(r"\(empty\)")  # the unanswered question is not kept
-        term.send("\x04")  # Ctrl-D
+        term.expect(r"\(empty\)\n>>> ")  # the unanswered question is not kept
+        term.send("\x04")  # Ctrl-D at the prompt (readline reads it; a ^D typed earlier would be lost)
         assert term.wait() == 0
     finally:
         term.close()

@@ -13,15 +13,18 @@ A line ending in ``\\`` continues on the next line, and a block between two line
 answer streams stops that answer (the call is cancelled, so the server stops generating)
 and returns to the prompt; Ctrl-C at the prompt clears the line.
 
-Each answer runs in its own ``asyncio.run``: Ctrl-C then interrupts exactly that answer
-(asyncio cancels its task, which cancels the gRPC stream) while the prompt stays a plain
-blocking ``input()`` with line editing and arrow-key history from ``readline``.
+The session keeps one event loop and one client; the prompt is a plain blocking ``input()``
+(line editing and arrow-key history from ``readline``) and each answer is one task on the
+loop. While an answer runs, SIGINT is routed to cancelling that task (which cancels the
+gRPC stream), never raised as ``KeyboardInterrupt`` inside the loop's machinery; at the
+prompt Python's default handler is back.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,25 +91,37 @@ def command(text: str, conv: Conversation, out: Any) -> bool:
     return True
 
 
-async def _answer(make_client: Callable[[], Any], conv: Conversation, args: argparse.Namespace,
-                  write: Callable[[str], None]) -> str:
+async def _answer(client: Any, conv: Conversation, args: argparse.Namespace, write: Callable[[str], None]) -> str:
     from inferd.proto import backend_pb2 as pb
 
     request = pb.PredictOptions(Messages=[pb.Message(role=r, content=c) for r, c in conv.messages()],
                                 UseTokenizerTemplate=True, Tokens=args.max_tokens, Temperature=args.temperature)
-    client = make_client()
     parts: list[str] = []
     try:
         async for reply in client.predict_stream(request, timeout=args.timeout):
             text = "".join(d.content for d in reply.chat_deltas) if reply.chat_deltas else reply.message.decode()
             parts.append(text)
             write(text)
-    except asyncio.CancelledError:
-        conv.turns.append(("assistant", "".join(parts)))  # what was shown stays in the conversation
-        raise
     finally:
-        await client.close()
+        conv.turns.append(("assistant", "".join(parts)))  # what was shown stays, stopped or not
     return "".join(parts)
+
+
+def _run_stoppable(loop: asyncio.AbstractEventLoop, coro: Any) -> bool:
+    """Run ``coro`` to its end; Ctrl-C cancels it. True if it finished, False if stopped."""
+    task = loop.create_task(coro)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(task.cancel)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        loop.run_until_complete(task)
+        return True
+    except asyncio.CancelledError:
+        return False
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def repl(args: argparse.Namespace, make_client: Callable[[], Any]) -> int:
@@ -125,30 +140,34 @@ def repl(args: argparse.Namespace, make_client: Callable[[], Any]) -> int:
         out.write(text)
         out.flush()
 
-    while True:
-        try:
-            text = read_message(input)
-        except EOFError:
-            print(file=out)
-            return 0
-        except KeyboardInterrupt:
-            print("^C (/exit or Ctrl-D leaves)", file=out, flush=True)
-            continue
-        if not text.strip():
-            continue
-        if text.lstrip().startswith("/"):
-            if not command(text, conv, out):
+    async def build() -> Any:
+        return make_client()  # a channel belongs to the loop it is created on
+
+    loop = asyncio.new_event_loop()
+    client = loop.run_until_complete(build())
+    try:
+        while True:
+            try:
+                text = read_message(input)
+            except EOFError:
+                print(file=out)
                 return 0
-            continue
-        conv.turns.append(("user", text))
-        try:
-            answer = asyncio.run(_answer(make_client, conv, args, write))
-            conv.turns.append(("assistant", answer))
-            print(file=out, flush=True)
-        except KeyboardInterrupt:
-            if conv.turns[-1][0] == "user":  # stopped before the task saw the cancel
-                conv.turns.append(("assistant", ""))
-            print("\n[stopped]", file=out, flush=True)
-        except RpcError as exc:
-            conv.turns.pop()  # the question was not answered: do not send it again
-            print(f"\ninferd: chat failed: {exc.code.name}: {exc.details}", file=sys.stderr, flush=True)
+            except KeyboardInterrupt:
+                print("^C (/exit or Ctrl-D leaves)", file=out, flush=True)
+                continue
+            if not text.strip():
+                continue
+            if text.lstrip().startswith("/"):
+                if not command(text, conv, out):
+                    return 0
+                continue
+            conv.turns.append(("user", text))
+            try:
+                finished = _run_stoppable(loop, _answer(client, conv, args, write))
+                print("" if finished else "\n[stopped]", file=out, flush=True)
+            except RpcError as exc:
+                del conv.turns[-2:]  # the question was not answered: do not send it again
+                print(f"\ninferd: chat failed: {exc.code.name}: {exc.details}", file=sys.stderr, flush=True)
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()

@@ -30,6 +30,7 @@ def add_model_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra_options (threads, allow_requantize, pure, output_file, ...)")
     _client_parser(q)
+    _progress_flag(q)
     q.set_defaults(handler=lambda a: asyncio.run(_quantize(a)), addr=None)
 
     f = sub.add_parser("finetune", help="LoRA fine-tuning job (StartFineTune + progress)")
@@ -45,7 +46,13 @@ def add_model_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     f.add_argument("--resume", default="", help="checkpoint directory or 'latest'")
     f.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra_options")
     _client_parser(f)
+    _progress_flag(f)
     f.set_defaults(handler=lambda a: asyncio.run(_finetune(a)), addr=None)
+
+
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=("auto", "bar", "plain"), default="auto",
+                   help="a live bar on a terminal (auto), always a bar, or one line per update [auto]")
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -85,28 +92,32 @@ async def _client(args: argparse.Namespace) -> AsyncIterator[Any]:
         backend.jobs.shutdown()
 
 
-async def _follow(stream: AsyncIterator[Any], stop: Any, show: Any) -> int:
+async def _follow(stream: AsyncIterator[Any], stop: Any, view: Any) -> int:
     last = None
     try:
         async for update in stream:
             last = update
-            print(show(update), flush=True)
+            view.update(update)
     except (KeyboardInterrupt, asyncio.CancelledError):
+        view.close(last)
         await stop()
         print("stopping...", file=sys.stderr)
         return 130
+    view.close(last)
     return 0 if last is not None and last.status == "completed" else 1
 
 
 async def _run(args: argparse.Namespace, start: Any, progress: str, stop: Any, show: Any) -> int:
     from inferd.client import RpcError
+    from inferd.job_progress import make_view
 
     async with _client(args) as client:
         try:
             started = await start(client)
             print(started.message, flush=True)
+            view = make_view(args.command, show, args.progress)
             return await _follow(getattr(client, progress)(job_id=started.job_id),
-                                 lambda: stop(client, started.job_id), show)
+                                 lambda: stop(client, started.job_id), view)
         except RpcError as exc:
             print(f"inferd: {exc.code.name}: {exc.details}", file=sys.stderr)
             return 1
