@@ -120,10 +120,6 @@ class ModelReplica:
         if not self.runtime.backend.loaded:
             raise RuntimeError(f"model {self.name!r} is not loaded: {self.runtime.backend.state()}")
 
-    def pid(self) -> int:
-        """The replica's process id (tests and operators kill or inspect one replica)."""
-        return os.getpid()
-
     # ---- LoadModel/Free: the deployment owns the model ---------------------------------
     async def _load_model(self, request: pb.ModelOptions, grpc_context: Any) -> pb.Result:
         if _same_model(request, self.options):
