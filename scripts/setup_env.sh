@@ -14,6 +14,21 @@ LLAMA_VERSION="0.3.36"
 CACHE="${INFERD_WHEEL_CACHE:-$HOME/.cache/inferd/wheels}"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+# Run a long step, saying every 30 s how long it has run, and at the end how long it took.
+with_elapsed() {
+  local label="$1" start=$SECONDS rc=0 ticker
+  shift
+  ( while sleep "${INFERD_TICK_SECONDS:-30}"; do
+      say "$label: still running, $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s so far"
+    done ) &
+  ticker=$!
+  trap "kill $ticker 2>/dev/null" EXIT
+  "$@" || rc=$?
+  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
+  trap - EXIT
+  say "$label: $([ "$rc" = 0 ] && echo done || echo FAILED) after $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
+  return "$rc"
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
@@ -47,6 +62,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$LLAMA_VERSION-$VARIANT" ] || \
     mkdir -p "$WHEEL_DIR"
     CMAKE_ARGS="$CMAKE_FLAGS -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
     CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      with_elapsed "building llama.cpp" \
       "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$WHEEL_DIR" "llama-cpp-python==$LLAMA_VERSION"
   fi
   say "installing llama-cpp-python from $WHEEL_DIR"

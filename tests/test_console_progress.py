@@ -88,3 +88,31 @@ def test_summaries_and_view_choice() -> None:
     bar.update(pb.FineTuneProgressUpdate(status="training", progress_percent=10, current_step=1, total_steps=10,
                                          loss=2.5, eta_seconds=30))
     bar.close(u)
+
+
+def test_serve_says_what_it_loads_and_how_long_it_took(tmp_path: Path) -> None:
+    import time
+
+    from tests.helpers import free_port
+
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--backend", "llama-cpp", "--port",
+                                 str(free_port()), "--model-options", '{"Threads": 1, "ContextSize": 512}'],
+                                stdout=subprocess.DEVNULL, stderr=err, env=inferd_env())
+        try:
+            deadline = time.monotonic() + 120
+            while "model loaded in" not in errors.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, errors.read_text()[-2000:]
+                time.sleep(0.1)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    text = errors.read_text()
+    assert "INFO inferd.server: loading the backend's default model ..." in text, text[-2000:]
+    assert re.search(r"INFO inferd.server: model loaded in \d+\.\d\ds: loaded SmolLM2", text)
+    failed = subprocess.run([sys.executable, "-m", "inferd.cli", "serve", "--backend", "llama-cpp", "--port", "0",
+                             "--model", str(tmp_path / "none.gguf")], capture_output=True, text=True,
+                            env=inferd_env(), timeout=120)
+    assert failed.returncode == 1
+    assert re.search(r"failed to load the model after \d+\.\d\ds: ", failed.stderr), failed.stderr

@@ -43,14 +43,18 @@ async def run_server(settings: Settings) -> int:
     if server.metrics_endpoint is not None:
         print(f"inferd: metrics on {server.metrics_endpoint.host}:{server.metrics_endpoint.port}", flush=True)
     if settings.load_on_start:
+        # A load can take minutes: say what is loading, then how long it took (the log is on stderr).
+        log.info("loading %s ...", options.ModelFile or options.Model or "the backend's default model")
         started = time.perf_counter()
         result = await server.load(options)
+        took = time.perf_counter() - started
         if server.metrics_endpoint is not None and result.success:
-            server.metrics_endpoint.observe_load(server.backend.model_name, time.perf_counter() - started)
+            server.metrics_endpoint.observe_load(server.backend.model_name, took)
         if not result.success:
-            print(f"inferd: failed to load the model: {result.message}", file=sys.stderr, flush=True)
+            print(f"inferd: failed to load the model after {took:.2f}s: {result.message}", file=sys.stderr,
+                  flush=True)
             await server.stop(0)
             return 1
-        log.info("model loaded: %s", result.message)
+        log.info("model loaded in %.2fs: %s", took, result.message)
     await server.run_until_signalled()
     return 0
