@@ -25,6 +25,7 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def main() -> None:
         proc.wait(timeout=30)
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(session, ignore_errors=True)
     rows: dict[str, dict[str, float]] = {name: {"tpsN": statistics.median(v)} for name, v in tpsn.items()}
     for name in health:
         rows[name]["p50"], rows[name]["p99"] = percentiles(health[name])
