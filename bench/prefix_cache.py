@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_throughput import InferdServer, LlamaServer, engine_stats, llama_server_binary  # noqa: E402
+from plot import add_plot_argument, bar_chart  # noqa: E402
 
 from inferd.client import new_client  # noqa: E402
 from inferd.engines.llama import default_model_path  # noqa: E402
@@ -157,6 +158,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--llama-server", default="")
+    add_plot_argument(ap)
     args = ap.parse_args()
     model = default_model_path()
     threads = args.threads or default_threads()
@@ -190,6 +192,12 @@ def main() -> int:
     for name, res in (("prefix cache (default)", on["shared"]), ("cache_prompt:false", off["shared"])):
         assert isinstance(res, dict)
         print(f"| {name} | {res['prompt_tokens']} | {res['computed']} | {res['all_first_tokens'] * 1000:.0f} |")
+    if args.plot:
+        bar_chart(args.plot, "Time to first token by turn, with and without the prefix cache", "TTFT ms",
+                  ["turn 1 (new history)", "turn 2 (history re-sent + question)"],
+                  {name: [m["turn1"] * 1000, m["turn2"] * 1000] for name, m in rows},  # type: ignore[index]
+                  note=f"SmolLM2-135M Q4_1, {threads} threads, {multi['prompt_tokens']}-token turn 1, "
+                       f"median of {args.rounds}")
     print(f"load average now {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+from plot import add_plot_argument, line_chart  # noqa: E402  (bench/plot.py)
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from inferd.backends.context import CallContext  # noqa: E402
@@ -230,6 +231,25 @@ def bench_inproc_ann(n: int, nq: int) -> None:
     store.close()
 
 
+def bench_sizes(sizes: list[int], nq: int) -> dict[str, list[tuple[float, float]]]:
+    """Exact Find p50 by store size, in-process (ours vs numpy), for the chart of ``--plot``."""
+    print(f"\n## Exact Find by store size, in-process, random data, {DIM} dims, top-10 ({load()})")
+    ours_name, numpy_name = "inferd exact Find (int8 scan + exact re-scoring)", "numpy float32 scan"
+    out: dict[str, list[tuple[float, float]]] = {ours_name: [], numpy_name: []}
+    qs = list(make_data("random", nq, 999))
+    for n in sizes:
+        data = make_data("random", n, 1000)
+        store = VectorStore(None, StoreConfig(ann="off", scan="int8"))
+        for s in range(0, n, 10_000):
+            store.set(data[s : s + 10_000], [b"%d" % (s + i) for i in range(len(data[s : s + 10_000]))])
+        a, b = alternate(lambda q, st=store: st.find(q, 10), lambda q, d=data: numpy_scan(d, q), qs)
+        print(f"  {n:>9,} keys: ours {p50(a):7.3f} ms p50, numpy {p50(b):7.3f} ms -> ours/numpy {p50(a) / p50(b):4.2f}x")
+        out[ours_name].append((n, p50(a)))
+        out[numpy_name].append((n, p50(b)))
+        store.close()
+    return out
+
+
 def bench_set(n: int, batch: int = 1000) -> None:
     print(f"\n## Set: {n:,} x {DIM} keys in StoresSet messages of {batch} ({load()})")
     data = make_data("random", n, 11)
@@ -275,7 +295,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--data", default="random,clustered", help="data sets for the wire section")
     ap.add_argument("--max-wait", type=float, default=300.0, help="longest wait for an index build, seconds")
-    ap.add_argument("--sections", default="wire,inproc", help="comma-separated: wire, inproc, set")
+    ap.add_argument("--sections", default="wire,inproc", help="comma-separated: wire, inproc, set, sizes")
+    ap.add_argument("--sizes", default="1000,10000,100000", help="store sizes of the sizes section (and --plot)")
+    add_plot_argument(ap)
     args = ap.parse_args()
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True)
     print(f"local-store bench: dim {DIM}, cpus {os.cpu_count()}, {cpu.stdout.strip()}, numpy {np.__version__}; "
@@ -289,6 +311,12 @@ def main() -> None:
         bench_inproc_ann(args.n, args.queries)
     if "set" in sections:
         bench_set(min(args.n, 20_000))
+    if "sizes" in sections or args.plot:
+        by_size = bench_sizes([int(n) for n in args.sizes.split(",")], args.queries)
+        if args.plot:
+            line_chart(args.plot, "Find latency by store size (exact, top-10, in-process)", "keys in the store",
+                       "p50 ms per query", by_size, logx=True, logy=True,
+                       note=f"{DIM} dims, random data, {args.queries} queries, p50")
 
 
 if __name__ == "__main__":
