@@ -18,6 +18,9 @@ import pytest
 from tests.reliability.fuzz_session import fuzz_args
 from tests.reliability.servers import BackendUnavailable, ServerProc, registered_backends, serving, spawn_all
 
+#: Worker threads of the trio's runtimes: a small bound, so a pool that grows on demand stays
+#: distinguishable from a leak (tests/reliability/test_soak.py).
+TRIO_WORKERS = 4
 #: The API key of the fleet: every call of the suite sends it, the security matrix checks the rest.
 FLEET_KEY = "reliability-key"
 
@@ -27,7 +30,7 @@ def trio() -> Iterator[dict[str, ServerProc]]:
     """llama-cpp (packaged SmolLM2, Threads 1, 4 slots), sentence-embeddings and local-store, loaded."""
     with contextlib.ExitStack() as stack:
         try:
-            servers = {name: stack.enter_context(serving(name))
+            servers = {name: stack.enter_context(serving(name, "--max-workers", str(TRIO_WORKERS)))
                        for name in ("llama-cpp", "sentence-embeddings", "local-store")}
         except BackendUnavailable as exc:
             pytest.skip(str(exc))

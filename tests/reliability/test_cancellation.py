@@ -3,8 +3,9 @@
 Dozens of generations and embeddings are cut at random moments (client cancel after a random
 delay or after the n-th streamed token, deadlines from 10 ms to 600 ms), eight at a time.
 Afterwards: Status is READY (not BUSY), llama-cpp reports every slot free and nothing waiting
-(GetMetrics), and the next request runs at full speed: within 3x (plus 0.5 s of scheduling
-noise on a shared machine) of the same request measured before the storm.
+(GetMetrics), and the next requests run at full speed: their median within 3x (plus 1 s of
+scheduling noise on a shared machine) of the same request's median before the storm. A slot or
+a batcher left stuck by a cut call would cost a deadline, many seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import statistics
 import time
 
 import grpc
@@ -32,6 +34,11 @@ def _method(channel: grpc.aio.Channel, rpc: str):  # type: ignore[no-untyped-def
     info = RPCS[rpc]
     factory = channel.unary_stream if info.streaming else channel.unary_unary
     return factory(info.path, info.request.SerializeToString, info.response.FromString)
+
+
+async def _median_time(channel: grpc.aio.Channel, rpc: str, request: Message, n: int = 3) -> float:
+    """Median of ``n`` timed calls: one scheduling hiccup of a shared machine does not decide."""
+    return statistics.median([await _timed(channel, rpc, request) for _ in range(n)])
 
 
 async def _timed(channel: grpc.aio.Channel, rpc: str, request: Message) -> float:
@@ -107,7 +114,7 @@ async def test_llama_generations_cut_at_random_points(trio) -> None:
     server = trio["llama-cpp"]
     async with grpc.aio.insecure_channel(server.address) as channel:
         await _timed(channel, "Predict", GENERATION)  # warm
-        baseline = await _timed(channel, "Predict", GENERATION)
+        baseline = await _median_time(channel, "Predict", GENERATION)
     outcomes = await _storm(server, ["Predict", "PredictStream"], GENERATION, 48, seed=7)
     bad = [o for o in outcomes if o not in CUT_CODES]
     assert not bad, bad
@@ -117,22 +124,22 @@ async def test_llama_generations_cut_at_random_points(trio) -> None:
     slots = await _slots_free(server)
     assert slots.get("active") == 0 and slots.get("waiting") == 0, f"slots still held 10 s after the storm: {slots}"
     async with grpc.aio.insecure_channel(server.address) as channel:
-        after = await _timed(channel, "Predict", GENERATION)
+        after = await _median_time(channel, "Predict", GENERATION)
     print(f"\nbaseline {baseline * 1000:.0f} ms, after the storm {after * 1000:.0f} ms; outcomes "
           f"{ {o: outcomes.count(o) for o in set(outcomes)} }")
-    assert after <= 3 * baseline + 0.5, f"next request took {after:.2f}s, baseline {baseline:.2f}s"
+    assert after <= 3 * baseline + 1.0, f"next request took {after:.2f}s, baseline {baseline:.2f}s"
 
 
 async def test_embeddings_cut_at_random_points(trio) -> None:
     server = trio["sentence-embeddings"]
     async with grpc.aio.insecure_channel(server.address) as channel:
         await _timed(channel, "Embedding", EMBED)
-        baseline = await _timed(channel, "Embedding", EMBED)
+        baseline = await _median_time(channel, "Embedding", EMBED)
     outcomes = await _storm(server, ["Embedding"], EMBED, 48, seed=11)
     bad = [o for o in outcomes if o not in CUT_CODES]
     assert not bad, bad
     status = await _settled(server)
     assert status.state == pb.StatusResponse.READY, pb.StatusResponse.State.Name(status.state)
     async with grpc.aio.insecure_channel(server.address) as channel:
-        after = await _timed(channel, "Embedding", EMBED)
-    assert after <= 3 * baseline + 0.5, f"next request took {after:.2f}s, baseline {baseline:.2f}s"
+        after = await _median_time(channel, "Embedding", EMBED)
+    assert after <= 3 * baseline + 1.0, f"next request took {after:.2f}s, baseline {baseline:.2f}s"
