@@ -38,10 +38,11 @@ from inferd.proto import backend_pb2 as pb  # noqa: E402
 SLOTS = 4
 CTX = 4096
 REPLY_TOKENS = 16
+FACTS = 110  # ~1,500 tokens of history (--facts)
 
 
 def history(session: int) -> str:
-    facts = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(110))
+    facts = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(FACTS))
     return f"Session {session}. Remember these facts. {facts}"
 
 
@@ -154,12 +155,15 @@ def run_llama_server(found: tuple[str, str], model: str, threads: int, rounds: i
 
 
 def main() -> int:
+    global FACTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--llama-server", default="")
     add_plot_argument(ap)
+    ap.add_argument("--facts", type=int, default=FACTS, help="history size (110 facts ~ 1,500 tokens)")
     args = ap.parse_args()
+    FACTS = args.facts
     model = default_model_path()
     threads = args.threads or default_threads()
     print(f"SmolLM2-135M Q4_1, threads {threads}, slots {SLOTS}, ctx {CTX}/slot, {REPLY_TOKENS}-token greedy "
