@@ -16,11 +16,10 @@ from inferd.proto import backend_pb2 as pb
 from tests.helpers import inferd_env
 from tests.terminal import Terminal
 
-pytest.importorskip("llama_cpp")
-pytest.importorskip("rich")
-
 
 def smol() -> str:
+    pytest.importorskip("llama_cpp")  # in the test: under CI=true a skip fails (tests/conftest.py)
+    pytest.importorskip("rich")
     from inferd.engines.llama import default_model_path
 
     return default_model_path()
@@ -84,6 +83,7 @@ def test_summaries_and_view_choice() -> None:
     view.close(pb.QuantizationProgressUpdate(status="completed", progress_percent=100, output_file="/m.gguf"))
     assert out.getvalue().splitlines()[0] == "quantizing 50%"
     assert out.getvalue().splitlines()[1].endswith("-> /m.gguf")
+    pytest.importorskip("rich")
     bar = make_view("finetune", str, "bar", io.StringIO())  # asked for: a bar even off a terminal
     bar.update(pb.FineTuneProgressUpdate(status="training", progress_percent=10, current_step=1, total_steps=10,
                                          loss=2.5, eta_seconds=30))
@@ -92,6 +92,8 @@ def test_summaries_and_view_choice() -> None:
 
 def test_serve_says_what_it_loads_and_how_long_it_took(tmp_path: Path) -> None:
     import time
+
+    smol()  # skips without llama_cpp
 
     from tests.helpers import free_port
 
