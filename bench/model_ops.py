@@ -45,7 +45,7 @@ def run_job(runner: JobRunner, kind: str, task: str, params: dict, job_id: str, 
 
 
 def bench_quantize(args: argparse.Namespace, work: Path) -> None:
-    source = Path(default_model_path())
+    source = Path(args.model or default_model_path())
     mb = source.stat().st_size / MiB
     binary = args.llama_quantize or os.environ.get("LLAMA_QUANTIZE") or DEFAULT_QUANTIZE
     have_binary = Path(binary).is_file()
@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--llama-quantize", default="")
+    parser.add_argument("--model", default="", help="GGUF to quantize [the packaged SmolLM2; a bigger file "
+                                                    "amortizes the job's ~1 s process start]")
     parser.add_argument("--only", choices=["quantize", "train"], default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="inferd-model-ops-bench-"))
