@@ -62,6 +62,7 @@ class Cluster:
         self.address = address
         self.ray_address = ray_address
         self.session = session
+        self.http = ""
 
     def replica_pids(self, app: str = APP) -> set[int]:
         """Processes of this session's replicas of ``app`` (children of its raylet)."""
@@ -111,9 +112,9 @@ def cluster():
     session = tempfile.mkdtemp(prefix="iray", dir="/tmp")  # short: Ray's socket paths must fit
     config = Path(session) / "models.yaml"
     config.write_text(MODELS_YAML)
-    port = free_port()
+    port, http_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "inferd.cli", "ray", "deploy", str(config), "--grpc-port", str(port),
-           "--http-port", str(free_port()), "--num-cpus", "4", "--temp-dir", session]
+           "--http-port", str(http_port), "--num-cpus", "4", "--temp-dir", session, "--openai"]
     errors = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True,
                             env=inferd_env(RAY_USAGE_STATS_ENABLED="0"))
@@ -122,7 +123,10 @@ def cluster():
         grpc_line = next(line for line in lines if line.startswith("inferd: ray grpc on "))
         ray_line = next(line for line in lines if line.startswith("inferd: ray cluster at "))
         assert grpc_line.rsplit(":", 1)[1] == str(port)
-        yield Cluster(proc, f"127.0.0.1:{port}", ray_line.split(" at ", 1)[1], session)
+        assert f"inferd: openai http on 127.0.0.1:{http_port}" in lines
+        cluster = Cluster(proc, f"127.0.0.1:{port}", ray_line.split(" at ", 1)[1], session)
+        cluster.http = f"http://127.0.0.1:{http_port}"
+        yield cluster
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # the CLI runs serve.shutdown() and ray.shutdown()
@@ -258,6 +262,21 @@ async def test_statuses_and_llm_service_through_the_proxy(cluster: Cluster) -> N
                 call.cancel()
                 break
     assert len(pieces) == 5 and "".join(pieces).strip()
+
+
+async def test_openai_front_as_ray_http_ingress(cluster: Cluster) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=cluster.http, timeout=60) as http:
+        listed = (await http.get("/v1/models")).json()
+        assert {m["id"] for m in listed["data"]} == {APP, VAD}
+        reply = await http.post("/v1/chat/completions", json={
+            "model": APP, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"].strip()
+        missing = await http.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        assert missing.status_code == 404
 
 
 def test_inferd_call_and_ray_shutdown(cluster: Cluster) -> None:

@@ -19,12 +19,14 @@ from typing import Any
 
 from inferd.scale.config import scale_spec
 from inferd.scale.replica import GRPC_SERVICER_FUNCTIONS, ModelReplica
-from inferd.supervisor.config import SupervisorConfig
+from inferd.supervisor.config import ConfigError, SupervisorConfig
 
 log = logging.getLogger("inferd.scale")
 
 DEFAULT_GRPC_PORT = 9000
 DEFAULT_HTTP_PORT = 8000
+#: The application name of the OpenAI-compatible HTTP front (``deploy(openai=True)``).
+OPENAI_APP = "openai"
 
 
 class RayMissing(RuntimeError):
@@ -82,14 +84,19 @@ def _token_auth_for(address: str | None) -> None:
 
 def deploy(config: SupervisorConfig, *, address: str | None = None, grpc_port: int = DEFAULT_GRPC_PORT,
            http_port: int = DEFAULT_HTTP_PORT, http_host: str = "127.0.0.1", num_cpus: float | None = None,
-           request_timeout_s: float | None = None, temp_dir: str | None = None) -> Cluster:
+           request_timeout_s: float | None = None, temp_dir: str | None = None,
+           openai: bool = False, api_keys: tuple[str, ...] = ()) -> Cluster:
     """Start (or join) Ray, start Serve's proxies and deploy every model; returns once all are ready.
 
     Every ``ray:`` block is validated before Ray starts, so a typo costs no cluster start.
+    ``openai``: also deploy the OpenAI-compatible HTTP front (``inferd.scale.http_front``) on
+    Serve's HTTP proxy; it is one more application, so gRPC calls must then name theirs.
     """
     specs = [(spec, scale_spec(spec)) for spec in config.models]
     if not specs:
-        raise ValueError("the models file has no models to deploy")
+        raise ConfigError("the models file has no models to deploy")
+    if openai and any(spec.name == OPENAI_APP for spec, _ in specs):
+        raise ConfigError(f"model name {OPENAI_APP!r} is taken by the HTTP front (--openai): rename the model")
     ray, serve = import_ray()
     from ray.serve.config import gRPCOptions
 
@@ -104,6 +111,12 @@ def deploy(config: SupervisorConfig, *, address: str | None = None, grpc_port: i
         # first health check loads it) or raises with the replica's failure.
         serve.run(app, name=spec.name, route_prefix=f"/{spec.name}")
         log.info("deployed %s (%s)", spec.name, scale)
+    if openai:
+        from inferd.scale.http_front import HttpFront
+
+        front = serve.deployment(serve.ingress()(HttpFront)).options(name=OPENAI_APP, ray_actor_options={"num_cpus": 0})
+        serve.run(front.bind(f"127.0.0.1:{grpc_port}", {spec.name: spec.backend for spec, _ in specs}, api_keys),
+                  name=OPENAI_APP, route_prefix="/")
     node_ip = ray.util.get_node_ip_address()
     return Cluster(grpc_address=f"{node_ip}:{grpc_port}", http_address=f"{http_host}:{http_port}",
                    applications=tuple(spec.name for spec, _ in specs),

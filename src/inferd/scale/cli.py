@@ -37,6 +37,9 @@ def add_ray_commands(sub: Any) -> None:
                         help="CPUs a single-node Ray advertises (logical; default: the machine's)")
     deploy.add_argument("--request-timeout", type=float, default=None,
                         help="end-to-end bound of one call through the proxy, seconds [none]")
+    deploy.add_argument("--openai", action="store_true",
+                        help="also serve the OpenAI-compatible HTTP API on Ray's HTTP proxy (an application "
+                             "named 'openai': gRPC calls must then send 'application' metadata)")
     deploy.add_argument("--temp-dir", default=None, help="Ray's session directory for a single-node Ray "
                         "[Ray's default /tmp/ray]")
     deploy.set_defaults(handler=_deploy)
@@ -64,7 +67,7 @@ def _deploy(args: argparse.Namespace) -> int:
     try:
         cluster = deploy(config, address=args.address, grpc_port=args.grpc_port, http_port=args.http_port,
                          http_host=args.http_host, num_cpus=args.num_cpus, request_timeout_s=args.request_timeout,
-                         temp_dir=args.temp_dir)
+                         temp_dir=args.temp_dir, openai=args.openai, api_keys=_api_keys())
     except ConfigError as exc:
         print(f"inferd: {exc}", file=sys.stderr)
         _teardown(ray, serve)
@@ -75,6 +78,8 @@ def _deploy(args: argparse.Namespace) -> int:
         return 1
     print(f"inferd: ray grpc on {cluster.grpc_address}", flush=True)
     print(f"inferd: ray cluster at {cluster.ray_address}", flush=True)
+    if args.openai:
+        print(f"inferd: openai http on {cluster.http_address}", flush=True)
     print(f"inferd: applications {', '.join(cluster.applications)} (gRPC metadata 'application' picks one)",
           flush=True)
     try:
@@ -84,6 +89,14 @@ def _deploy(args: argparse.Namespace) -> int:
     finally:
         _teardown(ray, serve)
     return 0
+
+
+def _api_keys() -> tuple[str, ...]:
+    """The HTTP front's key: GRPC_API_KEY, as ``inferd up --http`` reads it (none: open)."""
+    import os
+
+    key = os.environ.get("GRPC_API_KEY", "")
+    return (key,) if key else ()
 
 
 def _still_deployed(serve: Any) -> bool:
