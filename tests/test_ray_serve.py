@@ -2,7 +2,7 @@
 
 One single-node Ray (``inferd ray deploy`` as a subprocess, its own session directory) serves
 the module, with two applications (SmolLM2 x2, and silero-vad autoscaled, so every call picks
-its model with the ``application`` metadata); it is torn down even when a test fails: SIGINT to the deploy process (which runs
+its model with the ``application`` metadata) and the OpenAI HTTP front (``--openai``); it is torn down even when a test fails: SIGINT to the deploy process (which runs
 serve.shutdown() and ray.shutdown()), then every process of that Ray session is killed.
 
 The proof: clients stream requests through the proxy, one replica's process is SIGKILLed
