@@ -124,7 +124,8 @@ def send(page: Browser, text: str) -> None:
 
 def test_chat_streams_an_answer_with_its_speed(page: Browser) -> None:
     assert page.evaluate("document.querySelector('#chat-model').value") == "smol"
-    page.evaluate("document.querySelector('#system').value = 'Answer in one short sentence.'; true")
+    page.evaluate("document.querySelector('#system').value = 'Answer in one short sentence.';"
+                  "document.querySelector('#temperature').value = '0'; true")  # greedy: a stable answer
     send(page, "What is the capital of France?")
     # streamed: the answer is on the page while the request is still open
     page.wait_for("(() => { const a = document.querySelector('.msg.assistant');"

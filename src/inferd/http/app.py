@@ -38,8 +38,7 @@ def create_app(source: ModelSource, api_keys: Iterable[str] = (), metrics: Metri
     auth = [Depends(check_auth)]
     for module in (models, chat, completions, embeddings, rerank, audio):
         app.include_router(module.router, dependencies=auth)
-    app.state.console_tasks = set()  # the web console (GET /): its page needs no key, its API does
-    app.include_router(console.page_router)
+    app.include_router(console.page_router)  # the web console (GET /): its page needs no key, its API does
     app.include_router(console.api_router, dependencies=auth)
     _install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from inferd.client import Client, RpcError
+from inferd.client import Client, RpcError, new_client
 from inferd.http.console.jobs import KINDS, JobBoard
 from inferd.http.errors import APIError, from_rpc_error
 from inferd.http.source import unknown_model
@@ -77,15 +77,12 @@ async def models(request: Request) -> dict[str, Any]:
 async def start_model(name: str, request: Request) -> dict[str, Any]:
     """Start in the background: a load can take minutes; the page sees ``starting`` then the end."""
     manager = _require_manager(request, name)
-    tasks: set[asyncio.Task[Any]] = request.app.state.console_tasks
 
     async def ensure() -> None:
         with contextlib.suppress(Exception):  # the failure is the slot's last_error, shown by /models
             await manager.ensure(name)
 
-    task = asyncio.get_running_loop().create_task(ensure())
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+    _spawn(request, ensure())
     return {"name": name, "state": "starting"}
 
 
@@ -115,15 +112,8 @@ class JobRequest(BaseModel):
 
 
 def board(request: Request) -> JobBoard:
-    state = request.app.state
-    if getattr(state, "console_jobs", None) is None:
-        source = state.source
-
-        async def client_for(model: str) -> Client:
-            return await source.client(model)
-
-        state.console_jobs = JobBoard(client_for)
-    return state.console_jobs  # type: ignore[no-any-return]
+    source = request.app.state.source
+    return _app_state(request, "console_jobs", lambda: JobBoard(source.client))  # type: ignore[no-any-return]
 
 
 @api_router.get("/jobs")
@@ -131,11 +121,40 @@ async def jobs(request: Request) -> dict[str, Any]:
     b = board(request)
     manager = _manager(request)
     if manager is not None:  # running jobs of ready backends, wherever they were started
-        ready = [n for n in manager.names if manager.state(n) == "ready"]
-        clients = await asyncio.gather(*(manager.client(n) for n in ready), return_exceptions=True)
-        await asyncio.gather(*(b.discover(n, c) for n, c in zip(ready, clients, strict=True)
-                               if not isinstance(c, BaseException)))
+        ready = {n: a for n in manager.names if (a := manager.address(n))}
+        clients = _status_clients(request, manager, ready)
+        await asyncio.gather(*(b.discover(n, clients[a]) for n, a in ready.items()))
     return {"jobs": b.rows()}
+
+
+def _status_clients(request: Request, manager: Any, ready: dict[str, str]) -> dict[str, Client]:
+    """Clients of our own for the Status polls, one per running backend's address.
+
+    Not ``manager.client()``: that counts as a use of the model (it refreshes the LRU clock),
+    and a page left open must not keep every model "recently used".
+    """
+    cache: dict[str, Client] = _app_state(request, "console_status_clients", dict)
+    for address in [a for a in cache if a not in ready.values()]:  # restarted or stopped backends
+        _spawn(request, cache.pop(address).close())
+    for name, address in ready.items():
+        if address not in cache:
+            cache[address] = new_client(address, parallel=True, options=manager.channel_options(name))
+    return cache
+
+
+def _app_state(request: Request, name: str, make: Any) -> Any:
+    """The console's own objects on ``app.state``, made on first use (the app knows nothing of them)."""
+    state = request.app.state
+    if getattr(state, name, None) is None:
+        setattr(state, name, make())
+    return getattr(state, name)
+
+
+def _spawn(request: Request, coro: Any) -> None:
+    tasks: set[asyncio.Task[Any]] = _app_state(request, "console_tasks", set)
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 @api_router.post("/jobs", status_code=201)

@@ -130,6 +130,8 @@ async function sendChat(text) {
   const out = addMessage("assistant", "");
   out.node.classList.add("streaming");
   const system = $("#system").value.trim();
+  const t = parseFloat($("#temperature").value);
+  const temperature = Number.isFinite(t) ? Math.min(2, Math.max(0, t)) : 0.7;
   const messages = system ? [{ role: "system", content: system }, ...state.messages] : state.messages;
   const controller = new AbortController();
   state.controller = controller;
@@ -139,7 +141,7 @@ async function sendChat(text) {
     const res = await fetch("/v1/chat/completions", {
       method: "POST", signal: controller.signal,
       headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ model, messages, stream: true, stream_options: { include_usage: true } }),
+      body: JSON.stringify({ model, messages, temperature, stream: true, stream_options: { include_usage: true } }),
     });
     if (res.status === 401) askKey();
     if (!res.ok) { const b = await res.json().catch(() => ({})); throw new Error((b.error && b.error.message) || `HTTP ${res.status}`); }
