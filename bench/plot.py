@@ -38,7 +38,9 @@ def _save(fig: Any, ax: Any, path: str | os.PathLike[str], title: str, note: str
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     ax.set_title(title, fontsize=11)
-    machine = f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}"
+    one, five, fifteen = os.getloadavg()  # 5 and 15 minutes cover the run, not only its last moment
+    machine = (f"{os.cpu_count()} CPUs, load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min), "
+               f"{time.strftime('%Y-%m-%d')}")
     fig.text(0.01, 0.01, f"{note}  ({machine})" if note else machine, fontsize=7, color="#555")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out)
