@@ -264,7 +264,7 @@ def test_messages_from_proto_fields() -> None:
 @pytest.mark.parametrize(
     "item,message",
     [
-        ({"role": "assistant", "tool_calls": "[{"}, r"messages\[0\].tool_calls is not valid JSON"),
+        ({"role": "assistant", "tool_calls": "[{"}, r"messages\[0\].tool_calls: invalid JSON"),
         ({"role": "assistant", "tool_calls": "[1, 2]"}, "must be a JSON list of objects"),
         ({"role": "", "content": "x"}, r"messages\[0\].role is empty"),
     ],
