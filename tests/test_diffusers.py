@@ -376,8 +376,8 @@ def test_free_and_load_while_a_generation_is_in_flight(address, tiny, tmp_path):
     def long_call():
         c = new_sync_client(address, parallel=True)
         try:
-            outcomes.append(c.generate_image(positive_prompt="a cat", dst=str(tmp_path / "long.png"), width=64,
-                                             height=64, step=500, timeout=120))
+            outcomes.append(c.generate_image(positive_prompt="a cat", dst=str(tmp_path / "long.png"), width=256,
+                                             height=256, step=500, timeout=120))
         except RpcError as exc:
             outcomes.append(exc)
         finally:
@@ -385,9 +385,15 @@ def test_free_and_load_while_a_generation_is_in_flight(address, tiny, tmp_path):
 
     c = new_sync_client(address, parallel=True)
     try:
+        load(c, tiny)
         worker = threading.Thread(target=long_call)
         worker.start()
-        time.sleep(1.0)
+        # Free only once the generation really runs (a fixed sleep raced on a quiet machine).
+        wait_until = time.monotonic() + 60
+        while c.status().state != pb.StatusResponse.State.BUSY and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert c.status().state == pb.StatusResponse.State.BUSY
+        time.sleep(0.3)
         started = time.monotonic()
         freed = c.free(timeout=60)
         assert freed.success, freed.message
