@@ -484,6 +484,14 @@ class AsyncModelManager:
             return await control.status(timeout=timeout)
         except (RpcError, RuntimeError):
             return None
+        except asyncio.CancelledError:
+            # The control client was closed under the probe (the watchdog killed or stopped the
+            # backend meanwhile): no status for this row, unless this task itself is cancelled.
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)
+            if task is None or cancelling is None or cancelling():
+                raise
+            return None
 
     async def settle(self, name: str, wait: float = 0.5) -> None:
         """After UNAVAILABLE: give a dying backend time to be reaped.
