@@ -35,7 +35,7 @@ from inferd.backends.base import Backend
 from inferd.backends.context import CallContext
 from inferd.backends.options import option_bool, option_float, option_int, split_options
 from inferd.engines.audio.opus import OpusCodec
-from inferd.errors import InvalidArgument, LoadError, NoModelLoaded, NotFound, Unsupported
+from inferd.errors import InvalidArgument, LoadError, NoModelLoaded, NotFound
 from inferd.limits import thread_count
 from inferd.paths import confine, resolve_model_location
 from inferd.proto import backend_pb2 as pb
@@ -63,13 +63,8 @@ class AudioBackend(Backend):
         super().__init__()
         self.settings = settings
         self.codec = OpusCodec()
-        #: The loaded engine. Not called ``engine``: LLMService.Generate (server/servicer.py)
-        #: takes a backend's ``engine`` attribute for a text-generation engine.
+        #: The loaded engine (LLMService only uses backends that declare ``has_text_engine``).
         self.audio_engine: Any = None
-
-    @classmethod
-    def capabilities(cls) -> list[str]:
-        return [r for r in super().capabilities() if r not in cls.explained_missing]
 
     def unload(self) -> None:
         self.audio_engine = None
@@ -129,9 +124,6 @@ class AudioBackend(Backend):
         out = self.codec.decode(list(request.frames), dict(request.options))
         return pb.AudioDecodeResult(pcm_data=out.pcm, sample_rate=out.sample_rate,
                                     samples_per_frame=out.samples_per_frame)
-
-    def sound_generation(self, request: pb.SoundGenerationRequest, ctx: CallContext) -> pb.Result:
-        raise Unsupported(self.name, "SoundGeneration", SOUND_GENERATION_MISSING)
 
 
 def load_options(options: pb.ModelOptions, spec: dict[str, type]) -> dict[str, Any]:
