@@ -13,7 +13,8 @@ Targets (issue 11), with inferd's DEFAULT settings: aggregate tok/s at 4 and 8 s
 >= 1.0x llama-server (same slots and threads); single stream >= 1.0x llama-cpp-python;
 TTFT at 1 stream <= llama-server's. Also printed: inferd's per-step scheduler overhead
 (time outside ``llama_decode``, from GetMetrics) during the 8-stream run (target < 5 %).
-Each number is the median of ``--repeat`` runs. Timings are noisy on a shared machine:
+Each number is the median of ``--repeat`` runs; every measurement of one engine is taken next to
+the same measurement of the others (interleaved), so a drifting load hits all alike. Timings are noisy on a shared machine:
 rerun before believing a ratio, and read the load average printed with them.
 
     python bench/llm_throughput.py [--model PATH] [--threads N] [--tokens 128] [--repeat 3]
@@ -161,13 +162,17 @@ def step_overhead(before: dict[str, float], after: dict[str, float]) -> dict[str
             "step_ms": 1000 * step / steps, "steps": steps}
 
 
-async def bench_inferd_and_baseline(address: str, base: LlamaCppPython, tokens: int,
-                                    repeat: int) -> dict[str, object]:
-    """Interleave baseline and inferd runs so drifting load on a shared machine hits both alike."""
+async def bench_interleaved(address: str, base: LlamaCppPython, anchor_port: int | None, tokens: int,
+                            repeat: int) -> dict[str, object]:
+    """Interleave baseline, inferd and llama-server runs (each measurement of inferd is taken next
+    to the same measurement of the others), so drifting load on a shared machine hits all alike."""
     client = new_client(address, parallel=True)
     await _inferd_stream(client, 4)  # warm-up
-    single, ttfts, base_rates, base_ttfts = [], [], [], []
+    if anchor_port is not None:
+        await asyncio.to_thread(_server_stream, anchor_port, 4)
+    single, ttfts, base_rates, base_ttfts, anchor_ttfts = [], [], [], [], []
     aggregate: dict[int, list[float]] = {n: [] for n in STREAM_COUNTS}
+    anchor: dict[int, list[float]] = {n: [] for n in STREAM_COUNTS}
     overheads: list[dict[str, float]] = []
     for _ in range(repeat):
         rate, ttft = base.run_once(tokens)
@@ -177,7 +182,11 @@ async def bench_inferd_and_baseline(address: str, base: LlamaCppPython, tokens: 
         n, first, last = await _inferd_stream(client, tokens)
         ttfts.append(first - t0)
         single.append((n - 1) / (last - first) if n > 1 and last > first else 0.0)
+        if anchor_port is not None:
+            anchor_ttfts.append(await asyncio.to_thread(server_ttft, anchor_port))
         for count in STREAM_COUNTS:
+            if anchor_port is not None:
+                anchor[count].append(await asyncio.to_thread(server_aggregate, anchor_port, count, tokens))
             before = await engine_stats(client)
             t0 = time.perf_counter()
             results = await asyncio.gather(*(_inferd_stream(client, tokens) for _ in range(count)))
@@ -188,6 +197,8 @@ async def bench_inferd_and_baseline(address: str, base: LlamaCppPython, tokens: 
     overheads = [o for o in overheads if o]
     return {
         "base": {"tok_s": statistics.median(base_rates), "ttft": statistics.median(base_ttfts)},
+        "anchor": ({"ttft": statistics.median(anchor_ttfts), **{n: statistics.median(v) for n, v in anchor.items()}}
+                   if anchor_port is not None else None),
         "tok_s": statistics.median(single), "ttft": statistics.median(ttfts),
         "aggregate": {n: statistics.median(v) for n, v in aggregate.items()},
         "overhead": {k: statistics.median(o[k] for o in overheads) for k in overheads[0]} if overheads else {},
@@ -254,40 +265,27 @@ class LlamaServer:
         self.proc.wait(timeout=15)
 
 
-def bench_llama_server(found: tuple[str, str] | None, model: str, threads: int, slots: int, n_ctx: int,
-                       tokens: int, repeat: int) -> dict[str | int, float] | None:
-    if found is None:
-        return None
-    server = LlamaServer(*found, model, threads, slots, n_ctx)
-    port = server.port
-    try:
-        _server_stream(port, 4)
-        out: dict[str | int, float] = {}
-        ttfts = []
-        for _ in range(repeat):
-            timing: list[float] = []
-            _server_stream(port, 4, timing)
-            ttfts.append(timing[0])
-        out["ttft"] = statistics.median(ttfts)
-        for count in STREAM_COUNTS:
-            rates = []
-            for _ in range(repeat):
-                totals = [0] * count
-                t0 = time.perf_counter()
+def server_ttft(port: int) -> float:
+    """llama-server's time to first token for one short request (s)."""
+    timing: list[float] = []
+    _server_stream(port, 4, timing)
+    return timing[0]
 
-                def one(i: int, totals: list[int] = totals) -> None:
-                    totals[i] = _server_stream(port, tokens)
 
-                workers = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
-                rates.append(sum(totals) / (time.perf_counter() - t0))
-            out[count] = statistics.median(rates)
-        return out
-    finally:
-        server.close()
+def server_aggregate(port: int, count: int, tokens: int) -> float:
+    """Aggregate tokens/s of ``count`` concurrent llama-server streams."""
+    totals = [0] * count
+
+    def one(i: int) -> None:
+        totals[i] = _server_stream(port, tokens)
+
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(totals) / (time.perf_counter() - t0)
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -312,17 +310,22 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
     baseline = LlamaCppPython(model, threads, args.ctx)
+    found = llama_server_binary(args.llama_server)
+    llama_server = LlamaServer(*found, model, threads, slots, args.ctx) if found is not None else None
     server = InferdServer(model, threads, slots, args.ctx, args.option)
     try:
         asyncio.run(server.wait_ready())
-        ours = asyncio.run(bench_inferd_and_baseline(server.address, baseline, args.tokens, args.repeat))
+        ours = asyncio.run(bench_interleaved(server.address, baseline, llama_server and llama_server.port,
+                                             args.tokens, args.repeat))
     finally:
         server.close()
+        if llama_server is not None:
+            llama_server.close()
     del baseline
     base = ours["base"]
     assert isinstance(base, dict)
-    anchor = bench_llama_server(llama_server_binary(args.llama_server), model, threads, slots, args.ctx,
-                                args.tokens, args.repeat)
+    anchor = ours["anchor"]
+    assert anchor is None or isinstance(anchor, dict)
 
     agg = ours["aggregate"]
     assert isinstance(agg, dict)

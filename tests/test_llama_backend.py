@@ -236,14 +236,14 @@ async def test_prompt_longer_than_context_names_both_numbers(smol) -> None:
         await client.close()
 
 
-async def test_four_concurrent_streams_match_alone_with_separate_kv() -> None:
-    # kv_unified:false is the documented batch-invariant layout (the default, unified, is faster)
+async def test_four_concurrent_streams_match_alone_with_the_default_layout() -> None:
+    # the default KV layout (one stream per slot, kv_unified:false) is batch-invariant
     users = ["Name a fruit.", "What is 3+3?", "Say hi.", "Name an animal."]
     reqs = [greedy(Prompt=CHATML.format(sys=SMOL_SYSTEM, user=u), Tokens=12, IgnoreEOS=True) for u in users]
     backend = LlamaCppBackend()
     async with running_server(backend) as server:
         client = await _client(server)
-        result = await client.load_model(pb.ModelOptions(ContextSize=256, Threads=1, Options=["kv_unified:false"]))
+        result = await client.load_model(pb.ModelOptions(ContextSize=256, Threads=1))
         assert result.success and "kv_unified False" in result.message, result.message
         alone = [(await stream_text(client, r))[0] for r in reqs]
         together = await asyncio.gather(*(stream_text(client, r) for r in reqs))

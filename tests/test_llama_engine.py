@@ -74,8 +74,8 @@ def test_invalid_utf8_is_dropped_not_replaced() -> None:
 def model():
     # one thread: the suite shares 2 cores with other work, and spinning llama.cpp
     # threads collapse when a core is taken (see docs/llama-cpp.md, "Threads").
-    # kv_unified=False: the batch-invariant layout, so "batched == alone" is exact here.
-    m = LlamaModel(ModelConfig(path=default_model_path(), n_ctx=1024, slots=4, threads=1, kv_unified=False))
+    # the default layout (kv_unified=False) is batch-invariant, so "batched == alone" is exact here.
+    m = LlamaModel(ModelConfig(path=default_model_path(), n_ctx=1024, slots=4, threads=1))
     yield m
     m.close()
 

@@ -1,7 +1,8 @@
 """``AsyncLlamaEngine``: the async API every front uses, and its prefix cache.
 
 Real generations on the packaged SmolLM2-135M-Instruct (Threads 1), default layout
-(unified KV, prefix cache on) unless a test says otherwise.
+(one KV stream per slot, prefix cache on) unless a test says otherwise; the prefix cache
+tests run with both KV layouts (their cache placement and copying differ).
 """
 
 from __future__ import annotations
@@ -135,8 +136,12 @@ async def test_bad_params_name_the_engine_field(engine) -> None:
 
 
 # ---- prefix cache ---------------------------------------------------------------------------
-async def test_second_turn_reuses_the_first_and_output_is_unchanged() -> None:
-    cached, uncached = load(), load(cache_tokens=0)
+LAYOUTS = pytest.mark.parametrize("unified", [False, True], ids=["separate", "unified"])
+
+
+@LAYOUTS
+async def test_second_turn_reuses_the_first_and_output_is_unchanged(unified) -> None:
+    cached, uncached = load(kv_unified=unified), load(kv_unified=unified, cache_tokens=0)
     try:
         turn1 = [{"role": "system", "content": HISTORY}, {"role": "user", "content": "Is 7 odd?"}]
         first = await cached.complete(Chat(turn1), greedy(12))
@@ -154,8 +159,9 @@ async def test_second_turn_reuses_the_first_and_output_is_unchanged() -> None:
         uncached.close()
 
 
-async def test_shared_system_prompt_is_processed_once_across_concurrent_requests() -> None:
-    e = load()
+@LAYOUTS
+async def test_shared_system_prompt_is_processed_once_across_concurrent_requests(unified) -> None:
+    e = load(kv_unified=unified)
     try:
         questions = ["Is 3 odd?", "Is 4 even?", "Is 10 odd?", "Is 11 even?"]
         chats = [Chat([{"role": "system", "content": HISTORY}, {"role": "user", "content": q}]) for q in questions]
@@ -169,8 +175,9 @@ async def test_shared_system_prompt_is_processed_once_across_concurrent_requests
         e.close()
 
 
-async def test_cache_bound_evicts_least_recently_used() -> None:
-    e = load(cache_tokens=200)
+@LAYOUTS
+async def test_cache_bound_evicts_least_recently_used(unified) -> None:
+    e = load(kv_unified=unified, cache_tokens=200)
     try:
         a, b = "Apples. " + HISTORY[:300], "Bananas! " + HISTORY[300:600]  # no common prefix
         assert 100 < len(e.tokenize(a)) < 198 and 100 < len(e.tokenize(b)) < 198

@@ -7,10 +7,11 @@ the backend maps ModelOptions onto it, benchmarks and tests build it directly.
 
 Context parameters follow what llama-server sets, because those are the ones that
 make multi-sequence decoding fast (see docs/llama-cpp.md): ``n_seq_max`` = slots,
-ONE unified KV buffer shared by the slots (llama-server's default without ``-np``;
-with the vendored llama.cpp it is much faster at 4+ streams than one stream per slot,
-and it makes prefix sharing free), ``n_batch`` 2048 / ``n_ubatch`` 512, flash attention
-"auto", and as many threads for decoding as for prompt processing.
+one KV stream per slot (llama-server's layout with ``-np N``: each token attends only its
+own sequence's cells, and a greedy reply does not depend on what else runs; the scheduler
+keeps busy slots consecutive so one step stays one graph), ``n_batch`` 2048 /
+``n_ubatch`` 512, flash attention "auto", and as many threads for decoding as for prompt
+processing. ``kv_unified`` shares one buffer between the slots instead.
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ class ModelConfig:
     yarn_beta_fast: float = -1.0
     yarn_beta_slow: float = -1.0
     yarn_orig_ctx: int = 0
-    # True (default): one KV buffer for all slots: fast batches, free prefix sharing, but a greedy
-    # reply may differ by a near-tie token with what else runs. False: one stream per slot,
-    # batch-invariant output (docs/llama-cpp.md, "KV layout"), slower at 4+ streams.
-    kv_unified: bool = True
+    # False (default): one KV stream per slot: batch-invariant greedy output and the fastest
+    # layout at 4-8 streams (docs/llama-cpp.md, "KV layout"). True: one buffer for all slots:
+    # prefix sharing is free (cells tagged, not copied), a greedy reply may differ by a near-tie
+    # token with what else runs, and each token attends every slot's cells (slower at 8 streams).
+    kv_unified: bool = False
     swa_full: bool = True
     embeddings: bool = False  # create the embedding context at load instead of lazily
     lora: list[tuple[str, float]] = field(default_factory=list)
@@ -255,9 +257,9 @@ class LlamaModel:
         self._n_ctx_request = n_ctx
         if not embeddings:
             # Room for every slot to use the full context: a request that fits a
-            # single-slot server fits here. Unified (the default), the slots share these
-            # cells (and the prefix cache lives in them); separate, each slot gets its own
-            # stream of n_ctx cells, so batched results equal single-request results.
+            # single-slot server fits here. Separate (the default), each slot gets its own
+            # stream of n_ctx cells, so batched results equal single-request results;
+            # unified, the slots share these cells (and the prefix cache lives in them).
             n_ctx *= max(1, cfg.slots)
             self._check_kv_memory(n_ctx)
         cp.n_ctx = n_ctx

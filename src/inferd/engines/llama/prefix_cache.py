@@ -48,6 +48,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _runs(slots: set[int]) -> int:
+    """How many runs of consecutive numbers ``slots`` holds ({0, 1, 3} -> 2)."""
+    return sum(1 for s in slots if s - 1 not in slots)
+
+
 @dataclass
 class Placement:
     """Where a request goes and what it reuses."""
@@ -80,21 +85,33 @@ class PrefixCache:
         return self.max_tokens > 0
 
     # ---- placement -------------------------------------------------------------------------
-    def place(self, prompt: list[int], free: list[int], active: list[Any]) -> Placement:
-        """Pick a free slot for ``prompt`` (``free`` non-empty) and what it can reuse."""
+    def place(self, prompt: list[int], free: list[int], active: list[Any],
+              busy: set[int] | None = None) -> Placement:
+        """Pick a free slot for ``prompt`` (``free`` non-empty) and what it can reuse.
+
+        ``active``: requests whose prompts may be copied from; ``busy``: every slot in use
+        (default: the slots of ``active``).
+        """
+        if busy is None:
+            busy = {r.slot for r in active if r.slot >= 0}
         limit = len(prompt) - 1  # leave one token to decode
         if not self.enabled or limit <= 0:
-            return Placement(min(free, key=lambda s: self.last_used[s]), 0)
-        best_slot, best_keep = -1, -1
-        for s in free:
-            keep = min(common_prefix(self.tokens[s], prompt), limit)
-            if keep > best_keep or (keep == best_keep and self.last_used[s] < self.last_used[best_slot]):
-                best_slot, best_keep = s, keep
-        if best_keep == 0:
-            best_slot = min(free, key=lambda s: (len(self.tokens[s]) > 0, self.last_used[s]))
-        placement = Placement(best_slot, best_keep)
-        # A longer prefix in an active request (free slots were all candidates above):
-        # copy its cells, or wait for them while it is still prefilling that prefix.
+            return Placement(self._fresh_slot(free, busy, {}), 0)
+        keeps = {s: min(common_prefix(self.tokens[s], prompt), limit) for s in free}
+        if self.unified:
+            # the longest cached prefix; ties and no match: empty, then least recently used
+            best = max(keeps.values())
+            slot = self._fresh_slot([s for s in free if keeps[s] == best], busy, keeps)
+        else:
+            slot = self._fresh_slot(free, busy, keeps)
+        placement = Placement(slot, keeps[slot])
+        if not self.unified:
+            # the slot was chosen for contiguity: copy a longer prefix another idle slot holds
+            src = max(free, key=lambda s: keeps[s])
+            if src != slot and keeps[src] > placement.keep + self.min_copy:
+                placement.source_slot, placement.source_tokens = src, keeps[src]
+        # A longer prefix in an active request: copy its cells, or wait for them while it is
+        # still prefilling that prefix.
         for req in active:
             if req.slot < 0:
                 continue
@@ -103,6 +120,23 @@ class PrefixCache:
                 placement.source_slot, placement.source_tokens = req.slot, n
                 placement.source_request = req
         return placement
+
+    def _fresh_slot(self, candidates: list[int], busy: set[int], keeps: dict[int, int]) -> int:
+        """The best of ``candidates`` when no prefix decides (unified) or before prefixes (separate).
+
+        With one KV stream per slot, llama.cpp decodes only runs of consecutive sequence ids in
+        one graph, so the slot that keeps the busy slots in the fewest runs comes first (4 streams
+        on slots 0-3 are one graph per step, on slots 0, 2, 5, 7 four: a whole pass over the
+        weights each); a longer prefix from another slot is copied instead. Then the slot's own
+        reusable prefix, then an empty slot, then the least recently used one, so recent
+        conversations survive longest.
+        """
+
+        def key(s: int) -> tuple[int, int, bool, float]:
+            runs = 0 if self.unified else _runs(busy | {s})
+            return runs, -keeps.get(s, 0), len(self.tokens[s]) > 0, self.last_used[s]
+
+        return min(candidates, key=key)
 
     def claim(self, placement: Placement) -> int:
         """Take the slot: drop what it does not reuse. Returns the tokens reused now."""

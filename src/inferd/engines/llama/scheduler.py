@@ -37,6 +37,10 @@ from inferd.engines.llama.sampling import SamplingParams, build_sampler, free_sa
 log = logging.getLogger("inferd.engines.llama.scheduler")
 
 
+
+def _by_slot(entry: tuple[Request, int]) -> int:
+    return entry[0].slot
+
 class PromptTooLong(ValueError):
     """The prompt does not fit in the context (leaving room for one generated token)."""
 
@@ -246,7 +250,8 @@ class Scheduler:
 
     def _admit(self, req: Request) -> None:
         """Give ``req`` a free slot, reusing cached prefix cells (``prefix_cache``)."""
-        placement = self.cache.place(req.prompt, self._free_slots, [r for r in self._active if not r.shifted])
+        placement = self.cache.place(req.prompt, self._free_slots, [r for r in self._active if not r.shifted],
+                                     {r.slot for r in self._active})
         self._free_slots.remove(placement.slot)
         req.slot = placement.slot
         keep = self.cache.claim(placement)
@@ -292,21 +297,16 @@ class Scheduler:
                     self._admit(req)
         if not active:
             return
-        # 3. one batch: a token per generating sequence, then prompt chunks
-        tok, pos, nseq, seq, logits = self._b_token, self._b_pos, self._b_nseq, self._b_seq, self._b_logits
-        n = 0
+        # 3. one batch: a token per generating sequence, then prompt chunks within n_batch.
+        # Planned first, then written in slot order: with one KV stream per slot llama.cpp puts
+        # only consecutive, increasing sequence ids in one ubatch (split_equal), so a batch in
+        # admission order (slots 5, 2, 7, ...) was decoded as several graphs per step.
         plan: list[tuple[Request, int]] = []
+        budget = self.n_batch
         for req in active:
             if req.n_prefilled == len(req.prompt):
-                tok[n] = req.last_token
-                pos[n] = req.n_past
-                nseq[n] = 1
-                seq[n][0] = req.slot
-                logits[n] = 1
-                req.batch_idx = n
                 plan.append((req, 0))
-                n += 1
-        budget = self.n_batch - n
+                budget -= 1
         for req in active:
             remaining = len(req.prompt) - req.n_prefilled
             if remaining == 0:
@@ -316,10 +316,25 @@ class Scheduler:
                 continue
             if req.wait_for is not None and not self._copy_when_ready(req):
                 continue  # its prefix is being computed by another request
-            remaining = len(req.prompt) - req.n_prefilled
-            take = min(remaining, budget)
-            start = req.n_prefilled
+            take = min(len(req.prompt) - req.n_prefilled, budget)
+            plan.append((req, take))
+            budget -= take
+        if len(plan) > 1:
+            plan.sort(key=_by_slot)
+        tok, pos, nseq, seq, logits = self._b_token, self._b_pos, self._b_nseq, self._b_seq, self._b_logits
+        n = 0
+        for req, take in plan:
             slot = req.slot
+            if take == 0:
+                tok[n] = req.last_token
+                pos[n] = req.n_past
+                nseq[n] = 1
+                seq[n][0] = slot
+                logits[n] = 1
+                req.batch_idx = n
+                n += 1
+                continue
+            start = req.n_prefilled
             p0 = req.n_past
             prompt = req.prompt
             for j in range(take):
@@ -329,11 +344,9 @@ class Scheduler:
                 seq[n][0] = slot
                 logits[n] = 0
                 n += 1
-            if take == remaining:
+            if start + take == len(prompt):
                 logits[n - 1] = 1
                 req.batch_idx = n - 1
-            plan.append((req, take))
-            budget -= take
         if n == 0:
             return
         self._batch.n_tokens = n
