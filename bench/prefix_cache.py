@@ -67,10 +67,18 @@ async def inferd_chat(client, messages: list[dict[str, str]]) -> tuple[float, st
     return ttft, "".join(parts), prompt_tokens
 
 
-async def inferd_multi_turn(address: str, rounds: int, first_session: int) -> dict[str, float]:
+async def inferd_multi_turn(address: str, rounds: int, first_session: int,
+                            anchor_port: int | None = None) -> dict[str, float]:
+    """Median turn 1 / turn 2 TTFT; with ``anchor_port``, each round is followed by the same round
+    on llama-server (its own sessions), so a drifting load hits both alike."""
     client = new_client(address, parallel=True)
     t1s, t2s, prompt = [], [], 0
+    a1s, a2s = [], []
     for r in range(rounds):
+        if anchor_port is not None:
+            a1, a2 = await asyncio.to_thread(server_round, anchor_port, first_session + 200 + r)
+            a1s.append(a1)
+            a2s.append(a2)
         msgs, question = turns(first_session + r)
         t1, reply, prompt = await inferd_chat(client, msgs)
         t2, _, _ = await inferd_chat(client, msgs + [{"role": "assistant", "content": reply},
@@ -78,7 +86,10 @@ async def inferd_multi_turn(address: str, rounds: int, first_session: int) -> di
         t1s.append(t1)
         t2s.append(t2)
     await client.close()
-    return {"turn1": statistics.median(t1s), "turn2": statistics.median(t2s), "prompt_tokens": prompt}
+    out = {"turn1": statistics.median(t1s), "turn2": statistics.median(t2s), "prompt_tokens": prompt}
+    if a1s:
+        out.update(anchor_turn1=statistics.median(a1s), anchor_turn2=statistics.median(a2s))
+    return out
 
 
 async def inferd_shared(address: str, session: int) -> dict[str, float]:
@@ -96,7 +107,8 @@ async def inferd_shared(address: str, session: int) -> dict[str, float]:
             "computed": after["prompt_tokens_processed"] - before["prompt_tokens_processed"]}
 
 
-def run_inferd(model: str, threads: int, options: list[str], rounds: int, session: int) -> dict[str, object]:
+def run_inferd(model: str, threads: int, options: list[str], rounds: int, session: int,
+               anchor_port: int | None = None) -> dict[str, object]:
     server = InferdServer(model, threads, SLOTS, CTX, options)
     try:
         asyncio.run(server.wait_ready())
@@ -107,7 +119,7 @@ def run_inferd(model: str, threads: int, options: list[str], rounds: int, sessio
             await client.close()
 
         asyncio.run(warm())
-        multi = asyncio.run(inferd_multi_turn(server.address, rounds, session))
+        multi = asyncio.run(inferd_multi_turn(server.address, rounds, session, anchor_port))
         shared = asyncio.run(inferd_shared(server.address, session + 1000))
         return {"multi": multi, "shared": shared}
     finally:
@@ -137,21 +149,12 @@ def server_chat(port: int, messages: list[dict[str, str]]) -> tuple[float, str]:
     return ttft, "".join(parts)
 
 
-def run_llama_server(found: tuple[str, str], model: str, threads: int, rounds: int, session: int) -> dict[str, float]:
-    server = LlamaServer(*found, model, threads, SLOTS, CTX)
-    try:
-        server_chat(server.port, [{"role": "user", "content": "Hi"}])
-        t1s, t2s = [], []
-        for r in range(rounds):
-            msgs, question = turns(session + r)
-            t1, reply = server_chat(server.port, msgs)
-            t2, _ = server_chat(server.port, msgs + [{"role": "assistant", "content": reply},
-                                                     {"role": "user", "content": question}])
-            t1s.append(t1)
-            t2s.append(t2)
-        return {"turn1": statistics.median(t1s), "turn2": statistics.median(t2s)}
-    finally:
-        server.close()
+def server_round(port: int, session: int) -> tuple[float, float]:
+    """(turn 1 TTFT, turn 2 TTFT) of one two-turn chat on llama-server."""
+    msgs, question = turns(session)
+    t1, reply = server_chat(port, msgs)
+    t2, _ = server_chat(port, msgs + [{"role": "assistant", "content": reply}, {"role": "user", "content": question}])
+    return t1, t2
 
 
 def main() -> int:
@@ -167,11 +170,21 @@ def main() -> int:
     model = default_model_path()
     threads = args.threads or default_threads()
     print(f"SmolLM2-135M Q4_1, threads {threads}, slots {SLOTS}, ctx {CTX}/slot, {REPLY_TOKENS}-token greedy "
-          f"replies, median of {args.rounds}; load average {os.getloadavg()[0]:.2f}", flush=True)
-    on = run_inferd(model, threads, [], args.rounds, 1)
-    off = run_inferd(model, threads, ["cache_prompt:false"], args.rounds, 100)
+          f"replies, median of {args.rounds} (llama-server rounds interleaved with inferd's); load average {os.getloadavg()[0]:.2f}", flush=True)
     found = llama_server_binary(args.llama_server)
-    anchor = run_llama_server(found, model, threads, args.rounds, 200) if found else None
+    llama_server = LlamaServer(*found, model, threads, SLOTS, CTX) if found else None
+    try:
+        if llama_server is not None:
+            server_chat(llama_server.port, [{"role": "user", "content": "Hi"}])  # warm-up
+        on = run_inferd(model, threads, [], args.rounds, 1, llama_server and llama_server.port)
+    finally:
+        if llama_server is not None:
+            llama_server.close()
+    off = run_inferd(model, threads, ["cache_prompt:false"], args.rounds, 100)
+    on_multi = on["multi"]
+    assert isinstance(on_multi, dict)
+    anchor = ({"turn1": on_multi["anchor_turn1"], "turn2": on_multi["anchor_turn2"]}
+              if llama_server is not None else None)
 
     print()
     print("| engine | turn 1 TTFT ms | turn 2 TTFT ms | turn 2 / turn 1 |")
