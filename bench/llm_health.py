@@ -26,7 +26,7 @@ from llm_throughput import InferdServer  # noqa: E402
 
 from inferd.client import new_client  # noqa: E402
 from inferd.engines.llama import default_model_path  # noqa: E402
-from inferd.engines.llama.model import default_threads  # noqa: E402
+from inferd.engines.llama.config import default_threads  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
 
 # ~43 KB of JSON schema: converting it to GBNF and compiling the grammar is real work per request

@@ -46,7 +46,7 @@ from plot import add_plot_argument, line_chart  # noqa: E402  (bench/plot.py)
 
 from inferd.client import new_client  # noqa: E402
 from inferd.engines.llama import default_model_path  # noqa: E402
-from inferd.engines.llama.model import default_threads  # noqa: E402
+from inferd.engines.llama.config import default_threads  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
 
 # Every request gets its own number up front, so no engine's prompt cache (inferd's prefix cache,

@@ -32,7 +32,7 @@ from plot import add_plot_argument, bar_chart  # noqa: E402
 
 from inferd.client import new_client  # noqa: E402
 from inferd.engines.llama import default_model_path  # noqa: E402
-from inferd.engines.llama.model import default_threads  # noqa: E402
+from inferd.engines.llama.config import default_threads  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
 
 SLOTS = 4

@@ -11,20 +11,21 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from inferd.engines.llama.config import ModelConfig, ModelLoadError
 from inferd.engines.llama.detokenizer import IncrementalDetokenizer, StopMatcher
 from inferd.engines.llama.engine import AsyncLlamaEngine
 from inferd.engines.llama.inputs import Chat, GenerationOutput, GenerationResult
-from inferd.engines.llama.model import LlamaModel, ModelConfig, ModelLoadError
-from inferd.engines.llama.sampling import SamplerError, SamplingParams
-from inferd.engines.llama.scheduler import (
+from inferd.engines.llama.model import LlamaModel
+from inferd.engines.llama.request import (
     Completion,
     EngineClosed,
     KVCacheFull,
     PromptTooLong,
     QueueFull,
-    Scheduler,
     StepOutput,
 )
+from inferd.engines.llama.sampling import SamplerError, SamplingParams
+from inferd.engines.llama.scheduler import Scheduler
 
 __all__ = [
     "AsyncLlamaEngine", "Chat", "Completion", "EngineClosed", "GenerationOutput", "GenerationResult", "IncrementalDetokenizer", "KVCacheFull", "LlamaModel", "ModelConfig",

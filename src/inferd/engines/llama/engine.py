@@ -32,20 +32,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from inferd.engines.llama.chat_template import ChatTemplate
+from inferd.engines.llama.config import ModelConfig, ModelLoadError
 from inferd.engines.llama.inputs import Chat, GenerationOutput, GenerationResult
-from inferd.engines.llama.model import LlamaModel, ModelConfig, ModelLoadError
+from inferd.engines.llama.model import LlamaModel
 from inferd.engines.llama.prepare import ChatSetup, Prepared, PromptInput, prepare
-from inferd.engines.llama.sampling import SamplerError, SamplingParams
-from inferd.engines.llama.scheduler import (
+from inferd.engines.llama.request import (
     Completion,
     EngineClosed,
     KVCacheFull,
     PromptTooLong,
     QueueFull,
     Request,
-    Scheduler,
     StepOutput,
 )
+from inferd.engines.llama.sampling import SamplerError, SamplingParams
+from inferd.engines.llama.scheduler import Scheduler
 from inferd.engines.llama.tool_parser import ChatOutputParser, parse_full
 from inferd.errors import Cancelled, FailedPrecondition, InvalidArgument, LoadError, ResourceExhausted
 

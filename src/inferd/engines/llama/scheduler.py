@@ -13,7 +13,8 @@ Outputs leave through the request's ``emit`` callback, called on the scheduler t
 with a ``StepOutput``: the async backend forwards it with ``call_soon_threadsafe``, a
 synchronous caller can push it into a ``queue.Queue``. Per-token Python work is kept
 to a few attribute writes and one C sampling call per sequence; text assembly is
-incremental (``detokenizer``) and logprobs are computed only when asked for.
+incremental (``detokenizer``) and logprobs are computed only when asked for (``logprobs``).
+The request and output types and the errors ``add`` raises are in ``request``.
 """
 
 from __future__ import annotations
@@ -24,106 +25,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import llama_cpp
 
-from inferd.engines.llama.detokenizer import IncrementalDetokenizer
+from inferd.engines.llama.logprobs import token_logprobs
 from inferd.engines.llama.model import LlamaModel
 from inferd.engines.llama.prefix_cache import PrefixCache
+from inferd.engines.llama.request import (
+    Completion,
+    Emit,
+    EngineClosed,
+    KVCacheFull,
+    PromptTooLong,
+    QueueFull,
+    Request,
+    StepOutput,
+)
 from inferd.engines.llama.sampling import SamplingParams, build_sampler, free_sampler
 
 log = logging.getLogger("inferd.engines.llama.scheduler")
 
 
-
 def _by_slot(entry: tuple[Request, int]) -> int:
+    """Sort key of a batch plan entry: the batch is written in slot order (see ``_step``)."""
     return entry[0].slot
-
-class PromptTooLong(ValueError):
-    """The prompt does not fit in the context (leaving room for one generated token)."""
-
-    def __init__(self, n_prompt: int, n_ctx: int) -> None:
-        super().__init__(
-            f"the prompt has {n_prompt} tokens but the context holds {n_ctx} "
-            f"(at most {n_ctx - 1} prompt tokens, leaving room to generate)"
-        )
-        self.n_prompt = n_prompt
-        self.n_ctx = n_ctx
-
-
-class QueueFull(RuntimeError):
-    """Every slot is busy and the wait queue is at its bound."""
-
-
-class EngineClosed(RuntimeError):
-    """The scheduler was stopped (model unloaded) while the request was pending."""
-
-
-class KVCacheFull(RuntimeError):
-    """The shared KV cache had no room left for this sequence."""
-
-
-@dataclass
-class Completion:
-    """Final accounting of one request (attached to its last ``StepOutput``)."""
-
-    finish_reason: str  # "stop", "length", "cancelled", "error"
-    prompt_tokens: int
-    generated_tokens: int
-    prompt_seconds: float
-    generation_seconds: float
-    error: BaseException | None = None
-    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
-
-
-@dataclass
-class StepOutput:
-    """What one step produced for one request: a text delta and, at the end, a Completion."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[str, Any]] | None = None
-    completion: Completion | None = None
-
-
-Emit = Callable[[StepOutput], None]
-
-
-class Request:
-    """One generation in the scheduler; fields after ``sampler`` are scheduler-private."""
-
-    __slots__ = (
-        "id", "prompt", "params", "emit", "is_cancelled", "sampler", "aborted", "slot",
-        "n_past", "n_prefilled", "n_gen", "last_token", "batch_idx", "detok", "t_admit",
-        "t_first", "pending_ids", "pending_logprobs", "done", "cached", "wait_for", "shifted",
-    )
-
-    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, emit: Emit,
-                 is_cancelled: Callable[[], bool] | None, sampler: Any) -> None:
-        self.id = rid
-        self.prompt = prompt
-        self.params = params
-        self.emit = emit
-        self.is_cancelled = is_cancelled
-        self.sampler = sampler
-        self.aborted = False
-        self.slot = -1
-        self.n_past = 0
-        self.n_prefilled = 0
-        self.n_gen = 0
-        self.last_token = -1
-        self.batch_idx = -1
-        self.detok = IncrementalDetokenizer(params.stop)
-        self.t_admit = 0.0
-        self.t_first = 0.0
-        self.pending_ids: list[int] = []
-        self.pending_logprobs: list[dict[str, Any]] | None = [] if params.want_logprobs else None
-        self.done = False
-        self.cached = 0  # prompt tokens reused from the prefix cache
-        self.wait_for: tuple[Request, int] | None = None  # (active request, tokens) to copy once prefilled
-        self.shifted = False  # a context shift moved its cells: not a valid prefix source any more
 
 
 class Scheduler:
@@ -431,7 +356,8 @@ class Scheduler:
         text = req.detok.feed(self.model.piece(token))
         req.pending_ids.append(token)
         if req.pending_logprobs is not None:
-            req.pending_logprobs.append(self._logprobs(req, token))
+            req.pending_logprobs.append(token_logprobs(self.model, self.ctx, req.batch_idx, token,
+                                                          req.params.logprobs))
         if req.detok.stopped:
             self._finish(req, "stop", text=text)
             return
@@ -447,33 +373,6 @@ class Scheduler:
             if req.pending_logprobs is not None:
                 req.pending_logprobs = []
             self._emit(req, out)
-
-    def _logprobs(self, req: Request, token: int) -> dict[str, Any]:
-        """OpenAI-format logprob entry of ``token`` from the raw (pre-sampling) logits."""
-        import numpy as np
-
-        n_vocab = self.model.n_vocab
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, req.batch_idx)
-        logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
-        m = float(logits.max())
-        lse = m + float(np.log(np.exp(logits - m).sum()))
-        piece = self.model.piece(token)
-        entry: dict[str, Any] = {
-            "token": piece.decode("utf-8", "replace"),
-            "logprob": float(logits[token] - lse),
-            "bytes": list(piece),
-            "top_logprobs": [],
-        }
-        k = min(req.params.logprobs, n_vocab)
-        if k > 0:
-            top = np.argpartition(-logits, k - 1)[:k]
-            top = top[np.argsort(-logits[top])]
-            for t in top:
-                p = self.model.piece(int(t))
-                entry["top_logprobs"].append(
-                    {"token": p.decode("utf-8", "replace"), "logprob": float(logits[t] - lse), "bytes": list(p)}
-                )
-        return entry
 
     def _emit(self, req: Request, out: StepOutput) -> None:
         try:
