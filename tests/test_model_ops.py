@@ -23,6 +23,7 @@ pytest.importorskip("llama_cpp")
 
 from inferd.backends.llama_cpp import LlamaCppBackend  # noqa: E402
 from inferd.client import RpcError, new_client  # noqa: E402
+from inferd.engines import quantize  # noqa: E402
 from inferd.engines.llama import default_model_path  # noqa: E402
 from inferd.proto import backend_pb2 as pb  # noqa: E402
 from tests.helpers import running_server, test_settings  # noqa: E402
@@ -117,6 +118,10 @@ async def test_quantize_smollm2_to_q8_0_and_q4_0_then_load_and_generate(backend,
                 assert "4" in text, text  # as the Q4_1 source does; q4_0 loses more and may not
         assert not list((tmp_path / "out").glob(".*part"))
         assert (tmp_path / "out" / "smol-q8_0.quantize.log").read_text().count("converting to q8_0") > 10
+        # the second job ran on the pre-started spare (INFERD_JOB_SPARE, on by default), whose
+        # output went to that job's log all the same
+        assert backend.jobs.spares.taken >= 1
+        assert (tmp_path / "out" / "smol-q4_0.quantize.log").read_text().count("converting to q4_0") > 10
 
 
 async def test_quantize_stop_mid_job_leaves_no_file_and_ids_are_unique(backend, tmp_path) -> None:
@@ -385,3 +390,14 @@ def test_cli_quantize_in_process_and_its_errors(tmp_path) -> None:
     assert (tmp_path / "SmolLM2-135M-Instruct-Q8_0.gguf").is_file()
     bad = run("quantize", SMOL, "q3_z")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "q4_k_m" in bad.stderr
+
+
+def test_job_spare_setting_turns_the_pre_started_process_off() -> None:
+    on, off = LlamaCppBackend(settings=test_settings()), LlamaCppBackend(settings=test_settings(job_spare=False))
+    try:
+        assert on.jobs.spares.targets == (quantize.TASK,) and len(on.jobs.spares.pids()) == 1
+        assert off.jobs.spares.targets == () and off.jobs.spares.pids() == []
+    finally:
+        on.jobs.shutdown()
+        off.jobs.shutdown()
+    assert on.jobs.spares.pids() == []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -145,6 +147,52 @@ def test_queue_already_exists_and_unknown_ids(tmp_path) -> None:
         runner.get("nope")
     with pytest.raises(NotFound):
         runner.stop("nope")
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_pre_started_spare_runs_the_next_job_and_is_refilled_after_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # spares see the server's environment: the tests' tasks
+    runner = _runner(spares=[f"{TASKS}:die", f"{TASKS}:count"])
+    try:
+        assert len(runner.spares.pids()) == 2
+        spare_pid = runner.spares.pids()[0]
+        # a job on the spare: same process, its output redirected to the job's log (the
+        # tail in the failure), and a crash still fails only the job
+        job = runner.submit("finetune", f"{TASKS}:die", {}, job_id="s1", log_path=tmp_path / "s1.log")
+        assert job.wait(60) and job.status == FAILED
+        assert job.pid == spare_pid and runner.spares.taken == 1
+        assert "SIGKILL" in job.snapshot["message"] and "dying now" in job.snapshot["message"]
+        assert (tmp_path / "s1.log").read_text().startswith("=== job s1 (finetune) started")
+        # refilled once the job ended
+        _wait_for(lambda: len(runner.spares.pids()) == 2 and spare_pid not in runner.spares.pids())
+        # a job with its own environment cannot use a spare: it starts fresh
+        fresh = _submit(runner, tmp_path, "count", "s2", n=2)
+        assert fresh.wait(60) and fresh.status == COMPLETED and runner.spares.taken == 1
+        # a spare that died while idle is not used; the job starts fresh and completes
+        count_spare = [p for p in runner.spares.pids() if p != runner.spares._spares[f"{TASKS}:die"][0].pid][0]
+        os.kill(count_spare, signal.SIGKILL)
+        _wait_for(lambda: runner.spares._spares[f"{TASKS}:count"][0].poll() is not None)
+        job = runner.submit("finetune", f"{TASKS}:count", {"n": 2}, job_id="s3", log_path=tmp_path / "s3.log")
+        assert job.wait(60) and job.status == COMPLETED and job.pid != count_spare
+        assert runner.spares.taken == 1
+        # the next one does run on the refilled spare
+        _wait_for(lambda: len(runner.spares.pids()) == 2)
+        job = runner.submit("finetune", f"{TASKS}:count", {"n": 3}, job_id="s4", log_path=tmp_path / "s4.log")
+        assert job.wait(60) and job.status == COMPLETED and job.snapshot["message"] == "counted to 3"
+        assert runner.spares.taken == 2
+    finally:
+        pids = runner.spares.pids()
+        runner.shutdown()
+    assert pids and runner.spares.pids() == []
+    for pid in pids:  # killed and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_job_ids() -> None:

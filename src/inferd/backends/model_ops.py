@@ -51,7 +51,8 @@ class ModelOpsMixin:
         runner = self.__dict__.get("_job_runner")
         if runner is None:
             with _RUNNER_LOCK:
-                runner = self.__dict__.setdefault("_job_runner", JobRunner(max_running=1))
+                spares = (quantize.TASK,) if getattr(self.settings, "job_spare", True) else ()
+                runner = self.__dict__.setdefault("_job_runner", JobRunner(max_running=1, spares=spares))
         return runner
 
     @property

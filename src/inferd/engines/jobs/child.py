@@ -8,7 +8,8 @@ kernel for memory; in a child that fails the job, never the server. The protocol
   the child exits at once, so no job outlives its server.
 * ``EVENT_FD`` (a pipe inherited from the parent, separate from stdout so that library
   chatter cannot corrupt it): one JSON object per line, merged into the job's progress.
-* stdout/stderr: the job's log file.
+* stdout/stderr: the job's log file (a pre-started spare redirects them there when its
+  parameters, with ``_log``, arrive; see ``process``).
 
 ``TARGET`` is ``module:function``; the function gets ``(params, channel)`` and returns the
 fields of the final ``completed`` update (or raises ``JobFailed`` / ``JobStopped``).
@@ -74,16 +75,38 @@ class JobChannel:
         os._exit(EXIT_STOPPED)  # the server went away: no orphaned work
 
 
+def redirect_output(path: str) -> None:
+    """Point this process's stdout and stderr (the file descriptors, so native code too) at ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def main(argv: list[str]) -> int:
     target, event_fd = argv[0], int(argv[1])
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     channel = JobChannel(event_fd)
-    params = json.loads(sys.stdin.readline() or "{}")
-    threading.Thread(target=channel._read_commands, name="job-commands", daemon=True).start()
     module_name, _, func_name = target.partition(":")
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
+        # the task's imports come BEFORE the parameters: a pre-started spare (``process``)
+        # has them done by the time a job arrives
+        func: Any = getattr(importlib.import_module(module_name), func_name)
+    except BaseException as exc:  # noqa: BLE001 - reported once the job's parameters arrive
+        func = exc
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # an unused spare whose server went away
+    params = json.loads(line)
+    if "_log" in params:  # a spare: its output went to /dev/null until now
+        redirect_output(params.pop("_log"))
+    threading.Thread(target=channel._read_commands, name="job-commands", daemon=True).start()
+    try:
+        if isinstance(func, BaseException):
+            raise func
         result = func(params, channel) or {}
     except JobStopped as exc:
         channel.emit(status=STOPPED, message=str(exc) or "stopped")

@@ -23,11 +23,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import psutil
 
 from inferd.engines.jobs.child import EXIT_STOPPED
 from inferd.engines.jobs.job import COMPLETED, FAILED, STOPPED, TERMINAL, Job
+from inferd.engines.jobs.process import SparePool, kill_child, spawn_child
 from inferd.errors import AlreadyExists, InvalidArgument, NotFound
 
 log = logging.getLogger("inferd.jobs")
@@ -42,7 +42,6 @@ log = logging.getLogger("inferd.jobs")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Finished jobs remembered for late progress/stop calls (oldest forgotten first).
 MAX_FINISHED = 256
-_SRC_ROOT = str(Path(__file__).resolve().parents[3])  # .../src, so a child imports this inferd
 
 
 def new_job_id(requested: str, field: str = "job_id") -> str:
@@ -55,23 +54,11 @@ def new_job_id(requested: str, field: str = "job_id") -> str:
     return requested
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a job's child: offline model hubs, this inferd first on the path."""
-    env = dict(os.environ)
-    extra = dict(extra or {})
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (_SRC_ROOT, extra.pop("PYTHONPATH", ""), env.get("PYTHONPATH", "")) if p)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DISABLE_TQDM": "1"})
-    env.update(extra)
-    return env
-
-
 class JobRunner:
     """Jobs by id; start, stop, watch. Thread-safe; knows nothing about gRPC."""
 
-    def __init__(self, max_running: int = 1, stop_grace: float = 30.0) -> None:
+    def __init__(self, max_running: int = 1, stop_grace: float = 30.0, spares: Iterable[str] = ()) -> None:
+        """``spares``: task targets to keep one pre-started child for (``process.SparePool``)."""
         self.max_running = max_running
         self.stop_grace = stop_grace
         self._jobs: dict[str, Job] = {}
@@ -80,6 +67,8 @@ class JobRunner:
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(max_running)
         self._closed = False
+        self.spares = SparePool(spares)
+        self.spares.fill()
 
     # ---- queries -------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
@@ -166,30 +155,26 @@ class JobRunner:
             if on_end is not None:
                 with contextlib.suppress(Exception):
                     on_end(job)
+            if not self._closed:
+                self.spares.fill()  # after the job, not during it: its imports would compete
 
     def _run_child(self, job: Job, target: str, start_status: str) -> None:
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        read_fd, write_fd = os.pipe()
         with open(job.log_path, "ab") as logf:
             logf.write(f"=== job {job.id} ({job.kind}) started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             logf.flush()
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "inferd.engines.jobs", target, str(write_fd)],
-                    stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-                    env=child_env(job.params.get("_env")), start_new_session=True,
-                )
-            except BaseException:
-                os.close(read_fd)
-                raise
-            finally:
-                os.close(write_fd)
+            params = {k: v for k, v in job.params.items() if k != "_env"}
+            spare = self.spares.take(target, job.params.get("_env"))
+            if spare is not None:
+                proc, read_fd = spare
+                params["_log"] = str(job.log_path)  # the spare writes to /dev/null until told
+            else:
+                proc, read_fd = spawn_child(target, logf, job.params.get("_env"))
         job.pid, job.started = proc.pid, time.time()
         job.publish({"status": start_status, "message": f"started (pid {proc.pid}); log {job.log_path}"})
         with self._lock:
             self._procs[job.id] = proc
         assert proc.stdin is not None
-        params = {k: v for k, v in job.params.items() if k != "_env"}
         try:
             proc.stdin.write((json.dumps(params) + "\n").encode())
             proc.stdin.flush()
@@ -239,7 +224,7 @@ class JobRunner:
 
     def _signal_stop(self, job: Job, proc: subprocess.Popen[bytes], save_checkpoint: bool) -> None:
         if self._kill_on_stop.get(job.id):
-            _kill(proc)
+            kill_child(proc)
             return
         try:
             assert proc.stdin is not None
@@ -247,7 +232,7 @@ class JobRunner:
             proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             pass
-        timer = threading.Timer(self.stop_grace, _kill, args=(proc,))
+        timer = threading.Timer(self.stop_grace, kill_child, args=(proc,))
         timer.daemon = True
         timer.start()
 
@@ -259,13 +244,8 @@ class JobRunner:
             for job in self._jobs.values():
                 job.stop_requested = True
         for proc in procs:
-            _kill(proc)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
+            kill_child(proc)
+        self.spares.close()
 
 
 def tail(path: Path, lines: int = 6, max_chars: int = 1500) -> str:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import llama_cpp  # at import time: a pre-started spare child (engines.jobs.process) has it loaded
+
 from inferd.engines.jobs.child import JobChannel, JobFailed
 from inferd.engines.quantize.scripts import run_script
 
@@ -57,8 +59,6 @@ class _QuantizerLog:
         self.errors: list[str] = []
         self.total = 0
         self._last_emit = 0.0
-        import llama_cpp
-
         self.callback = llama_cpp.llama_log_callback(self._on_log)  # keep a reference: C holds it
         llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
 
@@ -90,8 +90,6 @@ def run(params: dict[str, Any], channel: JobChannel) -> dict[str, Any]:
         check_gguf(gguf_in)
         channel.emit(status="quantizing", message=f"quantizing {gguf_in.name} to {params['type_name']}",
                      progress_percent=span_start)
-        import llama_cpp
-
         qlog = _QuantizerLog(channel, span_start, 100.0 - span_start)
         qparams = llama_cpp.llama_model_quantize_default_params()
         qparams.nthread = int(params.get("threads") or 0)
