@@ -311,3 +311,27 @@ def test_context_shift_with_n_keep_generates_past_the_context() -> None:
     finally:
         s.close()
         m.close()
+
+
+def test_greedy_argmax_path_picks_exactly_what_the_sampler_chain_picks(sched, model) -> None:
+    from inferd.engines.llama.sampling import argmax_bans
+
+    eog = model.eog_tokens
+    assert argmax_bans(greedy(4), eog) == frozenset()
+    assert argmax_bans(greedy(4, ignore_eos=True), eog) == eog
+    assert argmax_bans(greedy(4, logit_bias={7: float("-inf")}), eog) == {7}
+    for chain_only in (greedy(4, logit_bias={7: 2.0}), greedy(4, repeat_penalty=1.3), greedy(4, grammar='root ::= "a"'),
+                       SamplingParams(max_tokens=4, temperature=0.7)):
+        assert argmax_bans(chain_only, eog) is None
+    prompt = model.tokenize(CHAT.format("Write three words about the sea."))
+    first, _ = run(sched, prompt, greedy(1))
+    banned = model.tokenize(first, add_special=False, parse_special=False)[0]
+    cases = [greedy(24), greedy(24, ignore_eos=True), greedy(24, logit_bias={banned: float("-inf")})]
+    try:
+        fast = [run(sched, prompt, p)[0] for p in cases]
+        sched.fast_greedy = False
+        chain = [run(sched, prompt, p)[0] for p in cases]
+    finally:
+        sched.fast_greedy = True
+    assert fast == chain
+    assert not fast[2].startswith(first)  # the ban took effect on the argmax path too

@@ -74,6 +74,7 @@ class Request:
         "id", "prompt", "params", "emit", "is_cancelled", "sampler", "aborted", "slot",
         "n_past", "n_prefilled", "n_gen", "last_token", "batch_idx", "detok", "t_admit",
         "t_first", "pending_ids", "pending_logprobs", "done", "cached", "wait_for", "shifted",
+        "argmax_bans",
     )
 
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, emit: Emit,
@@ -100,3 +101,4 @@ class Request:
         self.cached = 0  # prompt tokens reused from the prefix cache
         self.wait_for: tuple[Request, int] | None = None  # (active request, tokens) to copy once prefilled
         self.shifted = False  # a context shift moved its cells: not a valid prefix source any more
+        self.argmax_bans: frozenset[int] | None = None  # plain greedy: numpy argmax, not the chain

@@ -41,7 +41,13 @@ from inferd.engines.llama.request import (
     Request,
     StepOutput,
 )
-from inferd.engines.llama.sampling import SamplingParams, build_sampler, free_sampler
+from inferd.engines.llama.sampling import (
+    SamplingParams,
+    argmax_bans,
+    argmax_token,
+    build_sampler,
+    free_sampler,
+)
 
 log = logging.getLogger("inferd.engines.llama.scheduler")
 
@@ -78,6 +84,10 @@ class Scheduler:
         self._b_seq = self._batch.seq_id
         self._b_logits = self._batch.logits
         self._eog = model.eog_tokens
+        self.n_vocab = model.n_vocab
+        #: plain greedy requests pick with numpy's argmax instead of the sampler chain (same token,
+        #: ~6x cheaper: ``sampling.argmax_bans``); False runs every request through its chain
+        self.fast_greedy = True
         # metrics (read by GetMetrics from other threads; plain ints are fine)
         self.total_generated = 0
         self.total_prompt = 0
@@ -106,6 +116,7 @@ class Scheduler:
             raise PromptTooLong(len(prompt), self.n_ctx)
         sampler = build_sampler(params, self.model.vocab, self.model.n_vocab, self.n_ctx, self._eog)
         req = Request(next(self._ids), prompt, params, emit, is_cancelled, sampler)
+        req.argmax_bans = argmax_bans(params, self._eog) if self.fast_greedy else None
         with self._cv:
             if self._stop:
                 free_sampler(sampler)
@@ -294,11 +305,14 @@ class Scheduler:
                 req.n_past += count
                 req.n_prefilled += count
                 self.total_prompt += count
-        sample = llama_cpp.llama_sampler_sample
+        sample, logits_ith, n_vocab = llama_cpp.llama_sampler_sample, llama_cpp.llama_get_logits_ith, self.n_vocab
         for req, _count in plan:
             if req.batch_idx < 0:
                 continue
-            token = sample(req.sampler, self.ctx, req.batch_idx)
+            if req.argmax_bans is not None:
+                token = argmax_token(logits_ith(self.ctx, req.batch_idx), n_vocab, req.argmax_bans)
+            else:
+                token = sample(req.sampler, self.ctx, req.batch_idx)
             self._on_token(req, token)
         self.sample_seconds += time.perf_counter() - t_decoded
 
