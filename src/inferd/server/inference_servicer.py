@@ -89,9 +89,13 @@ def chat_options(request: ipb.ChatRequest) -> pb.PredictOptions:
     return options
 
 
-def memory_report(runtime: BackendRuntime, event: str, success: bool = True, message: str = "") -> ipb.MemoryReport:
-    """Process, system and GPU memory plus the backend's own breakdown."""
-    st = runtime.status()
+async def memory_report(runtime: BackendRuntime, event: str, success: bool = True,
+                        message: str = "") -> ipb.MemoryReport:
+    """Process, system and GPU memory plus the backend's own breakdown.
+
+    The backend's probes (NVML, torch) run off the event loop, bounded, as for Status.
+    """
+    st = await runtime.status_async()
     vm = psutil.virtual_memory()
     breakdown = {k: max(0, int(v)) for k, v in st.memory.breakdown.items()}
     gpu_total = sum(v for k, v in breakdown.items() if k.startswith("gpu_") and k.endswith("_total"))
@@ -283,15 +287,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             result = await self._clear(context)
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc, "ClearMemory")
-        return memory_report(self.runtime, "cleared", result.success, result.message)
+        return await memory_report(self.runtime, "cleared", result.success, result.message)
 
     async def GetMemoryStats(self, request: ipb.MemoryStatsRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext) -> ipb.MemoryReport:
-        return memory_report(self.runtime, "stats")
+        return await memory_report(self.runtime, "stats")
 
     async def ManageVRAM(self, request_iterator: AsyncIterator[ipb.VRAMCommand],  # noqa: N802
                          context: grpc.aio.ServicerContext) -> AsyncIterator[ipb.MemoryReport]:
-        queue: asyncio.Queue[ipb.MemoryReport | None] = asyncio.Queue()
+        queue: asyncio.Queue[ipb.MemoryReport | asyncio.Task[ipb.MemoryReport] | None] = asyncio.Queue()
         self._sessions.add(queue)  # type: ignore[arg-type]
 
         async def read_commands() -> None:
@@ -304,10 +308,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         reader = asyncio.get_running_loop().create_task(read_commands())
         try:
             while True:
-                report = await queue.get()
-                if report is None:
+                item = await queue.get()
+                if item is None:
                     break
-                yield report
+                yield (await item) if isinstance(item, asyncio.Task) else item
             await reader  # surfaces a failure of the command stream
         finally:
             self._sessions.discard(queue)  # type: ignore[arg-type]
@@ -320,11 +324,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         A = ipb.VRAMCommand  # noqa: N806
         try:
             if command.action == A.STATS:
-                return memory_report(self.runtime, "stats")
+                return await memory_report(self.runtime, "stats")
             if command.action in (A.CLEAR, A.UNLOAD):
                 result = await (self._clear(None) if command.action == A.CLEAR
                                 else self.runtime.free(CallContext("Free")))
-                return memory_report(self.runtime, "cleared" if command.action == A.CLEAR else "unloaded",
+                return await memory_report(self.runtime, "cleared" if command.action == A.CLEAR else "unloaded",
                                      result.success, result.message)
             if command.action == A.LOAD:
                 options = pb.ModelOptions()
@@ -338,17 +342,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 if command.model:
                     options.Model = command.model
                 result = await self.runtime.load_model(options, CallContext("LoadModel"))
-                return memory_report(self.runtime, "loaded", result.success, result.message)
+                return await memory_report(self.runtime, "loaded", result.success, result.message)
             raise InvalidArgument(f"unknown action {command.action}", "action")
         except Exception as exc:  # noqa: BLE001 - reported, not fatal to the session
             code, message = to_status(exc, "ManageVRAM")
-            return memory_report(self.runtime, "error", False, f"{code.name}: {message}")
+            return await memory_report(self.runtime, "error", False, f"{code.name}: {message}")
 
     def _model_changed(self, loaded: bool) -> None:
         """Push a report to every open ManageVRAM session (called by the runtime on load/free)."""
         if not self._sessions:
             return
-        report = memory_report(self.runtime, "changed", True, json.dumps({"model_loaded": loaded}))
+        # called on the loop by the runtime, mid LoadModel/Free: the report is measured by a task and
+        # queued now as that task, so sessions still see it before the command's own answer
+        report = asyncio.get_running_loop().create_task(
+            memory_report(self.runtime, "changed", True, json.dumps({"model_loaded": loaded})))
         for q in list(self._sessions):
             q.put_nowait(report)
 
