@@ -32,6 +32,9 @@ def test_settings(**overrides: Any) -> Settings:
     return base.with_overrides(host="127.0.0.1", port=0, watch_parent=False, shutdown_grace=2.0, **overrides)
 
 
+test_settings.__test__ = False  # a helper, not a test: pytest collects it where a test module imports it
+
+
 @contextlib.asynccontextmanager
 async def running_server(backend: Backend, **overrides: Any) -> AsyncIterator[InferdServer]:
     """Start ``backend`` behind a real grpc.aio server in this event loop; yields the server.
