@@ -397,6 +397,9 @@ def test_job_spare_setting_turns_the_pre_started_process_off() -> None:
     try:
         assert on.jobs.spares.targets == (quantize.TASK,) and len(on.jobs.spares.pids()) == 1
         assert off.jobs.spares.targets == () and off.jobs.spares.pids() == []
+        _, breakdown = on.memory()  # Status shows the idle spare and what it holds
+        assert breakdown["jobs_spare"] == 1 and breakdown["jobs_spare_rss"] > 0
+        assert "jobs_spare" not in off.memory()[1]
     finally:
         on.jobs.shutdown()
         off.jobs.shutdown()

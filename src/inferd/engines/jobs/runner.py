@@ -83,7 +83,7 @@ class JobRunner:
             return list(self._jobs.values())
 
     def breakdown(self) -> dict[str, int]:
-        """Counts and each running child's RSS, for Status's memory breakdown."""
+        """Counts, each running child's RSS and the idle spares', for Status's memory breakdown."""
         out = {"jobs_running": 0, "jobs_queued": 0}
         for job in self.jobs():
             if job.finished:
@@ -95,6 +95,13 @@ class JobRunner:
                 if job.pid:
                     with contextlib.suppress(psutil.Error):
                         out[f"job_{job.kind}_{job.id}_rss"] = psutil.Process(job.pid).memory_info().rss
+        spare_pids = self.spares.pids()
+        if spare_pids:  # the idle pre-started children are memory the server holds too
+            out["jobs_spare"] = len(spare_pids)
+            out["jobs_spare_rss"] = 0
+            for pid in spare_pids:
+                with contextlib.suppress(psutil.Error):
+                    out["jobs_spare_rss"] += psutil.Process(pid).memory_info().rss
         return out
 
     # ---- starting -------------------------------------------------------------------------
