@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
-GGUF_MAGIC = b"GGUF"
+from inferd.engines.gguf import GGUF_MAGIC, file_magic
 
 
 class ModelLoadError(Exception):
@@ -76,8 +76,7 @@ def check_gguf(path: str) -> None:
     if not os.path.isfile(path):
         raise ModelLoadError(f"model path is not a file: {path}")
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        magic = file_magic(path)
     except OSError as exc:
         raise ModelLoadError(f"cannot read model file {path}: {exc}") from None
     if magic != GGUF_MAGIC:

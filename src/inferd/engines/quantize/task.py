@@ -23,18 +23,17 @@ from typing import Any
 
 import llama_cpp  # at import time: a pre-started spare child (engines.jobs.process) has it loaded
 
+from inferd.engines.gguf import GGUF_MAGIC, file_magic
 from inferd.engines.jobs.child import JobChannel, JobFailed
 from inferd.engines.quantize.scripts import run_script
 
-GGUF_MAGIC = b"GGUF"
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 MiB = 1024 * 1024
 
 
 def check_gguf(path: Path) -> None:
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        magic = file_magic(path)
     except OSError as exc:
         raise JobFailed(f"cannot read {path}: {exc.strerror or exc}") from None
     if magic != GGUF_MAGIC:
