@@ -7,15 +7,17 @@ history, Ctrl-C in the middle of a long answer (the answer stops, the session go
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from inferd.chat_repl import Conversation, command, read_message
+from inferd.chat_repl import Conversation, _run_stoppable, command, read_message
 from tests.helpers import inferd_env, spawned_server
 from tests.terminal import Terminal
 
@@ -131,3 +133,26 @@ def test_reading_messages_and_commands() -> None:
     assert command("/reset", conv, out) and conv.turns == []
     assert command("/nonsense", conv, out)
     assert not command("/exit", conv, out) and not command("/quit", conv, out)
+
+
+def test_ctrl_c_the_instant_an_answer_starts_stops_that_answer() -> None:
+    # CI caught a Ctrl-C that landed while the answer's task was being created, before the
+    # REPL's handler was installed: KeyboardInterrupt ended the whole session.
+    loop = asyncio.new_event_loop()
+    started: list[bool] = []
+
+    async def answer() -> None:
+        started.append(True)
+        await asyncio.sleep(30)
+
+    def ctrl_c_then_answer():
+        os.kill(os.getpid(), signal.SIGINT)  # delivered here, before the task exists
+        return answer()
+
+    try:
+        assert _run_stoppable(loop, ctrl_c_then_answer) is False  # stopped, no KeyboardInterrupt
+        assert started == []
+        assert _run_stoppable(loop, lambda: asyncio.sleep(0)) is True  # the next answer runs
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        loop.close()

@@ -107,15 +107,26 @@ async def _answer(client: Any, conv: Conversation, args: argparse.Namespace, wri
     return "".join(parts)
 
 
-def _run_stoppable(loop: asyncio.AbstractEventLoop, coro: Any) -> bool:
-    """Run ``coro`` to its end; Ctrl-C cancels it. True if it finished, False if stopped."""
-    task = loop.create_task(coro)
+def _run_stoppable(loop: asyncio.AbstractEventLoop, make_coro: Callable[[], Any]) -> bool:
+    """Run ``make_coro()`` to its end; Ctrl-C cancels it. True if it finished, False if stopped.
+
+    The Ctrl-C handler is in place before the task exists: a Ctrl-C typed the instant the answer
+    starts must stop that answer, not raise KeyboardInterrupt out of ``create_task``.
+    """
+    task: asyncio.Task[Any] | None = None
+    stop_requested = False
 
     def on_sigint(signum: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(task.cancel)
+        nonlocal stop_requested
+        stop_requested = True
+        if task is not None:
+            loop.call_soon_threadsafe(task.cancel)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
+        task = loop.create_task(make_coro())
+        if stop_requested:
+            task.cancel()
         loop.run_until_complete(task)
         return True
     except asyncio.CancelledError:
@@ -161,13 +172,18 @@ def repl(args: argparse.Namespace, make_client: Callable[[], Any]) -> int:
                 if not command(text, conv, out):
                     return 0
                 continue
-            conv.turns.append(("user", text))
             try:
-                finished = _run_stoppable(loop, _answer(client, conv, args, write))
-                print("" if finished else "\n[stopped]", file=out, flush=True)
+                conv.turns.append(("user", text))
+                finished = _run_stoppable(loop, lambda: _answer(client, conv, args, write))
+            except KeyboardInterrupt:  # Ctrl-C before the answer's own handler was in place
+                finished = False
             except RpcError as exc:
                 del conv.turns[-2:]  # the question was not answered: do not send it again
                 print(f"\ninferd: chat failed: {exc.code.name}: {exc.details}", file=sys.stderr, flush=True)
+                continue
+            if conv.turns and conv.turns[-1][0] == "user":  # stopped before the answer began
+                conv.turns.append(("assistant", ""))
+            print("" if finished else "\n[stopped]", file=out, flush=True)
     finally:
         loop.run_until_complete(client.close())
         loop.close()
