@@ -320,6 +320,7 @@ def test_greedy_argmax_path_picks_exactly_what_the_sampler_chain_picks(sched, mo
     assert argmax_bans(greedy(4), eog) == frozenset()
     assert argmax_bans(greedy(4, ignore_eos=True), eog) == eog
     assert argmax_bans(greedy(4, logit_bias={7: float("-inf")}), eog) == {7}
+    assert argmax_bans(greedy(4, mirostat=2), eog) == frozenset()  # the chain is plain greedy at T=0 too
     for chain_only in (greedy(4, logit_bias={7: 2.0}), greedy(4, repeat_penalty=1.3), greedy(4, grammar='root ::= "a"'),
                        SamplingParams(max_tokens=4, temperature=0.7)):
         assert argmax_bans(chain_only, eog) is None

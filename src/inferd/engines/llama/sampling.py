@@ -177,7 +177,7 @@ def argmax_bans(params: SamplingParams, eog_tokens: frozenset[int] = frozenset()
     stateless greedy chains qualify: no grammar, no penalties, and a logit bias made only of
     bans (-inf, e.g. IgnoreEOS); both pick the first of equal maxima, so the token is the same.
     """
-    if params.temperature > 0 or params.grammar or params.mirostat:
+    if params.temperature > 0 or params.grammar:  # (mirostat applies only above temperature 0)
         return None
     if params.repeat_penalty not in (0.0, 1.0) or params.frequency_penalty or params.presence_penalty:
         return None
