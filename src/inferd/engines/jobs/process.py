@@ -102,13 +102,13 @@ class SparePool:
             return None
         with self._lock:
             spare = self._spares.pop(target, None)
-        if spare is None:
-            return None
-        proc, read_fd = spare
-        if proc.poll() is not None:  # died while idle (killed, out of memory): not usable
-            os.close(read_fd)
-            return None
-        self.taken += 1
+            if spare is None:
+                return None
+            proc, read_fd = spare
+            if proc.poll() is not None:  # died while idle (killed, out of memory): not usable
+                os.close(read_fd)
+                return None
+            self.taken += 1  # under the lock: jobs of a runner with max_running > 1 take concurrently
         return spare
 
     def close(self) -> None:
